@@ -1,0 +1,188 @@
+"""DiffLoss: reference-compatible names, initialisation, CFG semantics, gradients, errors."""
+import io
+
+import pytest
+import torch
+
+from gendd_fast import DiffLoss, guided_sample
+from gendd_fast.head import timestep_embedding
+from conftest import perturb_zero_init
+
+
+def expected_keys(depth):
+    """The parameter names of the public GenDD head (under ``net.``), written out by hand."""
+    keys = ["time_embed.mlp.0.weight", "time_embed.mlp.0.bias", "time_embed.mlp.2.weight",
+            "time_embed.mlp.2.bias", "cond_embed.weight", "cond_embed.bias", "pos_embed.weight",
+            "input_proj.weight", "input_proj.bias"]
+    for i in range(depth):
+        keys += [f"res_blocks.{i}.{n}" for n in
+                 ("in_ln.weight", "in_ln.bias", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight",
+                  "mlp.2.bias", "adaLN_modulation.1.weight", "adaLN_modulation.1.bias")]
+    keys += ["final_layer.linear.weight", "final_layer.linear.bias",
+             "final_layer.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.bias"]
+    return {"net." + k for k in keys}
+
+
+def small_head(**kw):
+    args = dict(target_channels=8, z_channels=12, depth=2, width=32, num_sampling_steps="10",
+                num_chunks=3)
+    args.update(kw)
+    return DiffLoss(**args)
+
+
+def test_state_dict_names_shapes_and_init():
+    h = DiffLoss(64, 256, 3, 1024, "100", 4)
+    sd = h.state_dict()
+    assert set(sd) == expected_keys(3)
+    assert sd["net.pos_embed.weight"].shape == (4, 1024)
+    assert sd["net.time_embed.mlp.0.weight"].shape == (1024, 256)
+    assert sd["net.res_blocks.0.adaLN_modulation.1.weight"].shape == (3072, 1024)
+    assert sd["net.final_layer.adaLN_modulation.1.weight"].shape == (2048, 1024)
+    assert sd["net.final_layer.linear.weight"].shape == (128, 1024)
+    for k in ("net.final_layer.linear.weight", "net.final_layer.linear.bias",
+              "net.res_blocks.2.adaLN_modulation.1.weight",
+              "net.final_layer.adaLN_modulation.1.bias"):
+        assert torch.all(sd[k] == 0), k
+    assert 0.015 < sd["net.time_embed.mlp.0.weight"].std() < 0.025
+    assert torch.all(sd["net.cond_embed.bias"] == 0)
+    # xavier-uniform bound for a square W x W layer is sqrt(6 / 2W)
+    assert sd["net.res_blocks.0.mlp.0.weight"].abs().max() <= (6 / 2048) ** 0.5 + 1e-6
+
+
+def test_timestep_embedding_formula():
+    t = torch.tensor([0, 1, 999])
+    emb = timestep_embedding(t)
+    i = torch.arange(128, dtype=torch.float64)
+    f = torch.exp(-torch.log(torch.tensor(10000.0, dtype=torch.float64)) * i / 128)
+    want = torch.cat([torch.cos(t[:, None] * f), torch.sin(t[:, None] * f)], 1)
+    torch.testing.assert_close(emb.double(), want, atol=2e-4, rtol=0)
+
+
+def test_state_dict_round_trip_through_bytes():
+    a = perturb_zero_init(small_head())
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    b = small_head()
+    b.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
+    x, z, k = torch.randn(5, 8), torch.randn(5, 12), torch.tensor([0, 1, 2, 0, 1])
+    t = torch.randint(0, 1000, (5,))
+    torch.testing.assert_close(a.net(x, t, z, k), b.net(x, t, z, k), rtol=0, atol=0)
+
+
+def test_forward_reproducible_with_explicit_t_noise_and_generator():
+    h = perturb_zero_init(small_head())
+    x, z, k = torch.randn(7, 8), torch.randn(7, 12), torch.randint(0, 3, (7,))
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert h(x, z, k, generator=g1).item() == h(x, z, k, generator=g2).item()
+    t, n = torch.randint(0, 1000, (7,)), torch.randn(7, 8)
+    per_row = h(x, z, k, t=t, noise=n, reduction="none")
+    assert per_row.shape == (7,)
+    assert h(x, z, k, t=t, noise=n).item() == pytest.approx(per_row.mean().item(), rel=1e-6)
+
+
+def test_gradients_reach_every_parameter_once_zero_init_perturbed():
+    h = perturb_zero_init(small_head())
+    x, k = torch.randn(9, 8), torch.randint(0, 3, (9,))
+    z = torch.randn(9, 12, requires_grad=True)
+    h(x, z, k).backward()
+    for name, p in h.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert z.grad.abs().sum() > 0
+
+
+def test_forward_with_cfg_mixes_eps_only():
+    h = perturb_zero_init(small_head())
+    n = 4
+    x = torch.randn(n, 8)
+    z = torch.randn(n, 12)
+    k = torch.randint(0, 3, (n,))
+    t = torch.randint(0, 1000, (n,))
+    zz, kk, tt = torch.cat([z, torch.zeros_like(z)]), torch.cat([k, k]), torch.cat([t, t])
+    xx = torch.cat([x, torch.randn(n, 8)])  # second half of x is ignored by design
+    out = h.net.forward_with_cfg(xx, tt, zz, kk, cfg_scale=2.0)
+    c = h.net(x, t, z, k)
+    u = h.net(x, t, torch.zeros_like(z), k)
+    torch.testing.assert_close(out[:n, :8], u[:, :8] + 2.0 * (c[:, :8] - u[:, :8]))
+    torch.testing.assert_close(out[:n, 8:], c[:, 8:])  # conditional variance kept
+    torch.testing.assert_close(out[n:, 8:], u[:, 8:])
+
+
+def test_cfg_scale_one_equals_unguided_sampler():
+    h = perturb_zero_init(small_head())
+    z, k = torch.randn(6, 12), torch.randint(0, 3, (6,))
+    steps = h.gen_diffusion.num_timesteps
+    xT, sn = torch.randn(6, 8), torch.randn(steps, 6, 8)
+    plain = h.sample(z, k, noise=xT, step_noises=sn, backend="torch")
+    zz, kk = torch.cat([z, torch.zeros_like(z)]), torch.cat([k, k])
+    doubled = h.sample(zz, kk, cfg=1.0 + 1e-12, noise=torch.cat([xT, xT]),
+                       step_noises=torch.cat([sn, sn], 1), backend="torch")
+    torch.testing.assert_close(doubled[:6], plain, rtol=1e-4, atol=1e-5)
+    guided = h.sample(zz, kk, cfg=2.0, noise=torch.cat([xT, xT]),
+                      step_noises=torch.cat([sn, sn], 1), backend="torch")
+    assert not torch.allclose(guided[:6], plain, atol=1e-3)
+
+
+def test_guided_sample_seeded_and_shaped():
+    h = perturb_zero_init(small_head())
+    z, k = torch.randn(5, 12), torch.randint(0, 3, (5,))
+    a = guided_sample(h, z, k, cfg=2.0, generator=torch.Generator().manual_seed(3),
+                      backend="torch")
+    b = guided_sample(h, z, k, cfg=2.0, generator=torch.Generator().manual_seed(3),
+                      backend="torch")
+    assert a.shape == (5, 8) and torch.equal(a, b) and torch.isfinite(a).all()
+
+
+def test_temperature_zero_removes_step_noise():
+    h = perturb_zero_init(small_head())
+    z, k = torch.randn(3, 12), torch.randint(0, 3, (3,))
+    xT = torch.randn(3, 8)
+    steps = h.gen_diffusion.num_timesteps
+    a = h.sample(z, k, noise=xT, step_noises=torch.randn(steps, 3, 8), temperature=0.0,
+                 backend="torch")
+    b = h.sample(z, k, noise=xT, step_noises=torch.randn(steps, 3, 8), temperature=0.0,
+                 backend="torch")
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("case,err,msg", [
+    ("wide_target", ValueError, "split a 24-wide feature into 3 tokens"),
+    ("chunk_high", ValueError, "chunk_idx out of range"),
+    ("chunk_neg", ValueError, "chunk_idx out of range"),
+    ("batch", ValueError, "batch sizes differ"),
+    ("z_width", ValueError, r"z must be \(N, 12\)"),
+    ("chunk_float", TypeError, "integer tensor"),
+    ("bad_t", ValueError, "timesteps in"),
+])
+def test_bad_inputs_raise_clear_errors(case, err, msg):
+    h = small_head()
+    x, z, k = torch.randn(4, 8), torch.randn(4, 12), torch.tensor([0, 1, 2, 0])
+    with pytest.raises(err, match=msg):
+        if case == "wide_target":
+            h(torch.randn(4, 24), z, k)
+        elif case == "chunk_high":
+            h(x, z, torch.tensor([0, 1, 3, 0]))
+        elif case == "chunk_neg":
+            h(x, z, torch.tensor([0, -1, 2, 0]))
+        elif case == "batch":
+            h(torch.randn(3, 8), z[:3].repeat(2, 1)[:4], k)
+        elif case == "z_width":
+            h(x, torch.randn(4, 10), k)
+        elif case == "chunk_float":
+            h(x, z, k.float())
+        elif case == "bad_t":
+            h(x, z, k, t=torch.tensor([0, 1, 1000, 2]))
+
+
+def test_sampler_errors():
+    h = small_head()
+    z, k = torch.randn(3, 12), torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match="doubled batch"):
+        h.sample(z, k, cfg=2.0, backend="torch")
+    with pytest.raises(ValueError, match="empty batch"):
+        h.sample(z[:0], k[:0])
+    with pytest.raises(ValueError, match="unknown sampler backend"):
+        h.sample(z, k, backend="cuda-magic")
+    with pytest.raises(ValueError, match="unknown respacing"):
+        small_head(num_sampling_steps="fast")
+    with pytest.raises(ValueError, match="positive integer"):
+        small_head(num_chunks=0)
