@@ -18,6 +18,27 @@ from .diffusion import NUM_TRAIN_TIMESTEPS, create_diffusion
 FREQUENCY_EMBEDDING_SIZE = 256
 
 
+def draw_row_randomness(n_rows: int, token_dim: int, cond_drop_prob: float, device,
+                        generator: Optional[torch.Generator] = None):
+    """The per-row draws of a GenDD training step, in one fixed order (so every head, reference
+    or fused, sees the same numbers from the same generator): condition keep-mask, timestep,
+    noise."""
+    keep = torch.rand(n_rows, device=device, generator=generator) >= cond_drop_prob
+    t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (n_rows,), device=device, generator=generator)
+    noise = torch.randn(n_rows, token_dim, device=device, generator=generator)
+    return keep, t, noise
+
+
+def split_tokens(target: torch.Tensor, token_dim: int) -> int:
+    """Number of tokens L of a (B, D_t) feature; a clear error when d does not divide D_t."""
+    if target.ndim != 2:
+        raise ValueError(f"teacher feature must be (B, D_t); got {tuple(target.shape)}")
+    if target.shape[1] % token_dim:
+        raise ValueError(f"token size {token_dim} does not divide the teacher's feature width "
+                         f"{target.shape[1]}; choose a token size that divides it")
+    return target.shape[1] // token_dim
+
+
 def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
@@ -167,10 +188,16 @@ class DiffLoss(nn.Module):
                                   out_channels=target_channels * 2, z_channels=z_channels,
                                   num_res_blocks=depth, num_chunks=num_chunks,
                                   grad_checkpointing=grad_checkpointing)
+        self.noise_schedule = noise_schedule
         self.train_diffusion = create_diffusion(timestep_respacing="",
                                                 noise_schedule=noise_schedule)
+        self.set_sampling_steps(self.num_sampling_steps)
+
+    def set_sampling_steps(self, num_sampling_steps):
+        """Respace the sampler (e.g. ``"64"``, ``"ddim50"``); training is unaffected."""
+        self.num_sampling_steps = str(num_sampling_steps)
         self.gen_diffusion = create_diffusion(timestep_respacing=self.num_sampling_steps,
-                                              noise_schedule=noise_schedule)
+                                              noise_schedule=self.noise_schedule)
 
     # -- input checks (clear errors instead of shape failures deep inside a matmul) -----------
     def check_inputs(self, z, chunk_idx, target=None):
@@ -211,6 +238,45 @@ class DiffLoss(nn.Module):
             self.net, target, t, model_kwargs=dict(c=z, chunk_idx=chunk_idx), noise=noise,
             generator=generator)
         return losses["loss"].mean() if reduction == "mean" else losses["loss"]
+
+    def distill_loss(self, target, z, mul: int, cond_drop_prob: float,
+                     generator: Optional[torch.Generator] = None):
+        """The GenDD step's diffusion loss from per-image tensors.
+
+        ``target`` (B, D_t) teacher features (after contraction and mixing), ``z`` (B, D_s)
+        student conditions. Split tokenization gives B * L rows (row b * L + k is token k of
+        image b), the block is tiled ``mul`` times, and each row's condition is dropped with
+        probability ``cond_drop_prob``. Returns the mean loss over the B * L * mul rows.
+        """
+        L = split_tokens(target, self.in_channels)
+        if L != self.num_chunks:
+            raise ValueError(f"teacher feature width {target.shape[1]} gives {L} tokens of "
+                             f"{self.in_channels}, but the head was built for {self.num_chunks}")
+        if z.ndim != 2 or z.shape[0] != target.shape[0]:
+            raise ValueError(f"z must be (B, D_s) with B = {target.shape[0]}; got "
+                             f"{tuple(z.shape)}")
+        B = target.shape[0]
+        x0 = target.reshape(B * L, self.in_channels).repeat(mul, 1)
+        z_rows = z.repeat_interleave(L, dim=0).repeat(mul, 1)
+        k = torch.arange(L, device=z.device).repeat(B * mul)
+        keep, t, noise = draw_row_randomness(x0.shape[0], self.in_channels, cond_drop_prob,
+                                             z.device, generator)
+        z_rows = z_rows * keep[:, None].to(z_rows.dtype)
+        return self.forward(x0, z_rows, k, t=t, noise=noise)
+
+    @torch.no_grad()
+    def generate(self, z, num_tokens: Optional[int] = None, cfg: float = 1.0,
+                 temperature: float = 1.0, generator: Optional[torch.Generator] = None,
+                 **kw):
+        """Features (B, L * d) generated from per-image conditions ``z`` (B, D_s)."""
+        from .sampling import guided_sample
+        L = num_tokens or self.num_chunks
+        B = z.shape[0]
+        z_rows = z.repeat_interleave(L, dim=0)
+        k = torch.arange(L, device=z.device).repeat(B)
+        tokens = guided_sample(self, z_rows, k, cfg=cfg, temperature=temperature,
+                               generator=generator, **kw)
+        return tokens.reshape(B, L * self.in_channels)
 
     @torch.no_grad()
     def sample(self, z, chunk_idx, temperature: float = 1.0, cfg: float = 1.0,

@@ -1,0 +1,279 @@
+"""The trainer's configuration: one dataclass, YAML recipes on top, command-line flags on top of that.
+
+Precedence: dataclass default < ``--config FILE.yaml`` < explicit command-line flags. Every field is
+a flag (``token_dim`` -> ``--token-dim``), so a recipe never holds a setting the CLI cannot change.
+The resolved config is stored in every checkpoint; resuming compares the fields that define the run
+(:data:`RUN_IDENTITY_EXCLUDED` lists those that may change between a run and its resume).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+METHODS = ("ce", "kd", "dkd", "gendd-pretrain", "gendd")
+DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "filelist", "webdataset", "synthetic")
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+@dataclass
+class Config:
+    # --- what to train -------------------------------------------------------------------------
+    method: str = "gendd"            # ce | kd | dkd | gendd-pretrain | gendd
+    student: str = "resnet8"
+    teacher: Optional[str] = None    # needed by kd, dkd, gendd-pretrain, gendd
+    teacher_checkpoint: Optional[str] = None
+    init: Optional[str] = None       # student weights to start from (stage 2 from stage 1), non-strict
+    # --- data ----------------------------------------------------------------------------------
+    dataset: str = "digits"
+    data_path: Optional[str] = None  # dataset root (CIFAR pickle folder, ImageFolder root, ...)
+    train_list: Optional[str] = None  # 'path label' file lists (ImageNet-LT), relative to data_path
+    val_list: Optional[str] = None
+    val_path: Optional[str] = None   # separate evaluation root (e.g. ImageNet val for CC3M runs)
+    num_classes: Optional[int] = None  # inferred from the data when not given
+    image_size: Optional[int] = None   # 32 for CIFAR/digits, 224 for ImageNet-style data
+    val_resize: Optional[int] = None   # shorter side before the centre crop (256 for 224)
+    crop_scale: List[float] = field(default_factory=lambda: [0.08, 1.0])  # random-resized-crop
+    data_backend: str = "auto"       # auto | torch | dali
+    skip_bad_images: bool = False
+    synthetic_size: int = 256        # images in the 'synthetic' dataset (tests, benchmarks)
+    # --- optimisation --------------------------------------------------------------------------
+    epochs: int = 240
+    batch_size: int = 64             # per GPU (per process)
+    eval_batch_size: Optional[int] = None
+    opt: str = "adamw"               # adamw | sgd
+    opt_impl: str = "torch"          # torch | apex (FusedAdam / FusedSGD when apex is installed)
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup_epochs: float = 0.0
+    sched: str = "cos"               # cos | step
+    decay_epochs: List[int] = field(default_factory=lambda: [150, 180, 210])
+    decay_rate: float = 0.1
+    min_lr: float = 0.0
+    clip_grad: Optional[float] = None
+    # --- GenDD ---------------------------------------------------------------------------------
+    token_dim: int = 64
+    diffloss_w: int = 1024
+    diffloss_d: int = 3
+    mul: Optional[int] = None        # diffusion_batch_mul: 30 CIFAR, 10 ImageNet when not given
+    cond_drop: float = 0.2
+    beta: float = 1.0                # Beta(beta, beta) mixing; 0 disables
+    smooth: float = 0.9              # distribution contraction; 0 for unsupervised runs
+    labels: bool = True              # False: unsupervised GenDD (no CE, no contraction)
+    head: str = "auto"               # auto | fused | torch   (auto: fused on CUDA)
+    grad_checkpointing: bool = False
+    sampling_steps: str = "64"       # respacing used when evaluating by sampling
+    cfg: float = 2.0
+    temperature: float = 1.0
+    num_sampling: int = 1
+    ddim_steps: Optional[int] = None  # sample with DDIM over this many steps instead
+    sample_eval: str = "end"          # end | every | never: when to run the sampling evaluation
+    # --- baselines -----------------------------------------------------------------------------
+    kd_T: float = 4.0
+    kd_alpha: float = 0.1            # weight of CE; (1 - alpha) on the KD term
+    dkd_alpha: float = 1.0
+    dkd_beta: float = 8.0
+    dkd_T: float = 4.0
+    dkd_warmup: int = 20
+    dkd_ce_weight: float = 1.0
+    # --- performance ---------------------------------------------------------------------------
+    amp: str = "auto"                # auto | bf16 | fp16 | off   (auto: bf16 on CUDA, off on CPU)
+    channels_last: bool = False
+    compile: bool = False
+    workers: int = 4
+    device: str = "auto"             # auto | cpu | cuda
+    # --- bookkeeping ---------------------------------------------------------------------------
+    seed: int = 0
+    output: str = "runs/gendd"
+    resume: Optional[str] = None     # PATH | auto
+    log_interval: int = 20
+    eval_every: int = 1              # epochs
+    save_every: int = 0              # also save 'last' every N steps (0: once per epoch)
+    max_steps: int = 0               # stop after N optimizer steps in all (0: run every epoch)
+    tensorboard: bool = False
+    plot: bool = True
+    progress: bool = True
+
+    def resolved(self) -> "Config":
+        """Fill the dataset-dependent defaults (image size, mul, eval batch)."""
+        c = dataclasses.replace(self)
+        small = c.dataset in ("digits", "cifar10", "cifar100", "synthetic")
+        if c.image_size is None:
+            c.image_size = 32 if small else 224
+        if c.val_resize is None:
+            c.val_resize = c.image_size if small else int(round(c.image_size / 0.875))
+        if c.mul is None:
+            c.mul = 30 if small else 10
+        if c.eval_batch_size is None:
+            c.eval_batch_size = max(c.batch_size, 128)
+        return c
+
+
+# Fields that may differ between a run and its resume: they do not change what is computed.
+RUN_IDENTITY_EXCLUDED = {"output", "resume", "workers", "log_interval", "tensorboard", "plot",
+                         "progress", "data_path", "val_path", "train_list", "val_list",
+                         "max_steps", "save_every", "eval_batch_size", "sample_eval",
+                         "eval_every", "data_backend", "skip_bad_images", "teacher_checkpoint",
+                         "init", "compile", "opt_impl"}
+
+
+def config_diff(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
+    """Human-readable differences in the fields that define the run."""
+    out = []
+    for k in sorted(set(saved) | set(current)):
+        if k in RUN_IDENTITY_EXCLUDED:
+            continue
+        a, b = saved.get(k, "<absent>"), current.get(k, "<absent>")
+        if a != b:
+            out.append(f"{k}: checkpoint has {a!r}, this run has {b!r}")
+    return out
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse_bool(s: str) -> bool:
+    v = s.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {s!r}")
+
+
+def _optional(conv):
+    def parse(s: str):
+        return None if s.lower() in ("none", "null", "") else conv(s)
+    parse.__name__ = conv.__name__
+    return parse
+
+
+_HELP = {
+    "method": "training method: " + ", ".join(METHODS),
+    "student": "student architecture (see --list-models)",
+    "teacher": "teacher architecture",
+    "dataset": "dataset kind: " + ", ".join(DATASETS),
+    "amp": "mixed precision: auto (bf16 on CUDA, off on CPU), bf16, fp16, off",
+    "resume": "checkpoint to resume from, or 'auto' for OUTPUT/last.pt when it exists",
+    "head": "diffusion head: fused (Triton), torch (reference), auto (fused on CUDA)",
+    "data_backend": "data pipeline: dali (GPU decode), torch (DataLoader), auto",
+    "mul": "diffusion_batch_mul: copies of each token per step (default 30 CIFAR, 10 ImageNet)",
+    "max_steps": "stop after this many optimizer steps in all (for pre-emption tests)",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m gendd_fast.train",
+        description="Train a student with GenDD or a baseline. With no arguments, runs the "
+                    "embedded digits demo (teacher, scratch, KD, GenDD) and prints a table.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", action="append", default=[],
+                   help="YAML recipe (path, or a name under configs/); repeatable, later wins")
+    p.add_argument("--demo", action="store_true", help="run the embedded digits pipeline")
+    p.add_argument("--list-models", action="store_true", help="print the model zoo and exit")
+    for f in dataclasses.fields(Config):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kw: Dict[str, Any] = dict(dest=f.name, default=None, help=_HELP.get(f.name, " "))
+        t = str(f.type)
+        if isinstance(default, bool):
+            kw.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
+            p.add_argument(_flag(f.name), **kw)
+            p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
+                           default=None, help=argparse.SUPPRESS)
+            continue
+        if t.startswith("List"):
+            inner = float if "float" in t else int
+            kw.update(type=inner, nargs="+")
+        elif "int" in t:
+            kw.update(type=_optional(int) if t.startswith("Optional") else int)
+        elif "float" in t:
+            kw.update(type=_optional(float) if t.startswith("Optional") else float)
+        else:
+            kw.update(type=str)
+        p.add_argument(_flag(f.name), **kw)
+    return p
+
+
+def find_config(name: str) -> str:
+    if os.path.isfile(name):
+        return name
+    for cand in (os.path.join(CONFIG_DIR, name), os.path.join(CONFIG_DIR, name + ".yaml")):
+        if os.path.isfile(cand):
+            return cand
+    avail = sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml")) \
+        if os.path.isdir(CONFIG_DIR) else []
+    raise FileNotFoundError(f"config {name!r} not found (not a file, not in configs/: "
+                            f"{', '.join(avail) or 'none'})")
+
+
+def load_yaml(path: str) -> Dict[str, Any]:
+    import yaml
+    with open(path) as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config {path}: expected a mapping of field: value")
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"config {path}: unknown fields {unknown}; valid fields are the "
+                         f"trainer's flags (python -m gendd_fast.train --help)")
+    return data
+
+
+def config_from_args(argv: Optional[List[str]] = None):
+    """Parse ``argv`` into (Config, parsed namespace); Config is None for --list-models/--demo."""
+    args = build_parser().parse_args(argv)
+    if args.list_models or args.demo:
+        return None, args
+    values: Dict[str, Any] = {}
+    for name in args.config:
+        values.update(load_yaml(find_config(name)))
+    for f in dataclasses.fields(Config):
+        v = getattr(args, f.name)
+        if v is not None:
+            values[f.name] = v
+    return make_config(**values), args
+
+
+def make_config(**values) -> Config:
+    cfg = Config(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config):
+    def choice(name, options):
+        v = getattr(cfg, name)
+        if v not in options:
+            raise ValueError(f"unknown {name.replace('_', '-')} {v!r}; valid: {', '.join(options)}")
+    choice("method", METHODS)
+    choice("dataset", DATASETS)
+    choice("amp", ("auto", "bf16", "fp16", "off"))
+    choice("sched", ("cos", "step"))
+    choice("opt", ("adamw", "sgd"))
+    choice("opt_impl", ("torch", "apex"))
+    choice("head", ("auto", "fused", "torch"))
+    choice("data_backend", ("auto", "torch", "dali"))
+    choice("device", ("auto", "cpu", "cuda"))
+    choice("sample_eval", ("end", "every", "never"))
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise ValueError("epochs and batch-size must be positive")
+    if cfg.method.startswith("gendd") or cfg.method in ("kd", "dkd"):
+        if not cfg.teacher:
+            raise ValueError(f"method {cfg.method!r} needs a teacher (--teacher NAME "
+                             f"--teacher-checkpoint PATH)")
+    if not 0.0 <= cfg.smooth < 1.0:
+        raise ValueError(f"smooth must lie in [0, 1), got {cfg.smooth}")
+    if not 0.0 <= cfg.cond_drop < 1.0:
+        raise ValueError(f"cond-drop must lie in [0, 1), got {cfg.cond_drop}")
+    if len(cfg.crop_scale) != 2 or not 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1:
+        raise ValueError(f"crop-scale must be two numbers 0 < lo <= hi <= 1, got {cfg.crop_scale}")
+    if len(cfg.betas) != 2:
+        raise ValueError(f"betas must be two numbers, got {cfg.betas}")

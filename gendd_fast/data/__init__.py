@@ -1,0 +1,123 @@
+"""Datasets and loaders: ``build_loaders(cfg, rank, world, device)`` picks the backend."""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from .datasets import (ArrayDataset, BadImageError, DatasetError, ImageFileDataset,
+                       WebDatasetShards, load_cifar_arrays, load_digits_arrays, read_file_list,
+                       scan_image_folder, synthetic_arrays)
+from .loader import DeviceNormalizer, EpochSampler, TorchLoader
+
+__all__ = ["build_loaders", "build_datasets", "Loaders", "BadImageError", "DatasetError",
+           "EpochSampler"]
+
+
+@dataclass
+class Loaders:
+    train: Any
+    val: Any
+    num_classes: int
+    backend: str
+
+
+def _join(root: Optional[str], path: Optional[str]) -> Optional[str]:
+    if path is None or os.path.isabs(path) or root is None or os.path.exists(path):
+        return path
+    return os.path.join(root, path)
+
+
+def build_datasets(cfg):
+    """Host-path (train, val, num_classes) for ``cfg.dataset``."""
+    kind = cfg.dataset
+    if kind == "digits":
+        (xtr, ytr), (xva, yva) = load_digits_arrays(seed=0, size=cfg.image_size)
+        # Digits must not be mirrored; a small shift is their augmentation.
+        return (ArrayDataset(xtr, ytr, True, pad=2, flip=False),
+                ArrayDataset(xva, yva, False), 10)
+    if kind in ("cifar10", "cifar100"):
+        nc = 100 if kind == "cifar100" else 10
+        (xtr, ytr), (xva, yva) = load_cifar_arrays(cfg.data_path, nc)
+        return ArrayDataset(xtr, ytr, True), ArrayDataset(xva, yva, False), nc
+    if kind == "synthetic":
+        nc = cfg.num_classes or 10
+        x, y = synthetic_arrays(cfg.synthetic_size, nc, cfg.image_size, seed=1234)
+        xv, yv = synthetic_arrays(max(cfg.synthetic_size // 4, 8), nc, cfg.image_size, seed=4321)
+        return ArrayDataset(x, y, True), ArrayDataset(xv, yv, False), nc
+    file_kw = dict(image_size=cfg.image_size, val_resize=cfg.val_resize,
+                   crop_scale=cfg.crop_scale, skip_bad=cfg.skip_bad_images)
+    if kind == "imagefolder":
+        root = cfg.data_path
+        if root and os.path.isdir(os.path.join(root, "train")):
+            train_root, val_root = os.path.join(root, "train"), os.path.join(root, "val")
+        else:
+            train_root, val_root = root, cfg.val_path
+        train_s, classes = scan_image_folder(train_root)
+        val_root = cfg.val_path or val_root
+        if not val_root:
+            raise DatasetError(f"no validation images: {root!r} has no train/ and val/ folders "
+                               f"and --val-path was not given")
+        val_s, val_classes = scan_image_folder(val_root)
+        if val_classes != classes:
+            raise DatasetError(f"train and val class folders differ ({len(classes)} vs "
+                               f"{len(val_classes)} classes)")
+        return (ImageFileDataset(train_s, True, **file_kw),
+                ImageFileDataset(val_s, False, **file_kw), len(classes))
+    if kind == "filelist":
+        if not cfg.train_list or not cfg.val_list:
+            raise DatasetError("dataset 'filelist' needs --train-list and --val-list")
+        train_s = read_file_list(_join(cfg.data_path, cfg.train_list), cfg.data_path)
+        val_s = read_file_list(_join(cfg.data_path, cfg.val_list), cfg.val_path or cfg.data_path)
+        nc = cfg.num_classes or 1 + max(max(s[1] for s in train_s), max(s[1] for s in val_s))
+        return (ImageFileDataset(train_s, True, **file_kw),
+                ImageFileDataset(val_s, False, **file_kw), nc)
+    if kind == "webdataset":
+        train = WebDatasetShards(cfg.data_path, True, **file_kw)
+        if cfg.val_path:  # e.g. CC3M training evaluated on ImageNet val folders
+            val_s, classes = scan_image_folder(cfg.val_path)
+            val = ImageFileDataset(val_s, False, **file_kw)
+            nc = cfg.num_classes or len(classes)
+        else:
+            val, nc = None, cfg.num_classes or 1000
+        return train, val, nc
+    raise DatasetError(f"unknown dataset {kind!r}")
+
+
+def _choose_backend(cfg, device: torch.device) -> str:
+    if cfg.data_backend != "auto":
+        return cfg.data_backend
+    if device.type != "cuda" or cfg.dataset in ("digits", "synthetic"):
+        return "torch"
+    from . import dali
+    return "dali" if dali.available() else "torch"
+
+
+def build_loaders(cfg, rank: int, world: int, device: torch.device) -> Loaders:
+    backend = _choose_backend(cfg, device)
+    if backend == "dali":
+        from . import dali
+        return dali.build_loaders(cfg, rank, world, device)
+    train_ds, val_ds, nc = build_datasets(cfg)
+    norm = DeviceNormalizer(cfg.dataset, device, cfg.channels_last)
+    workers = cfg.workers
+    if cfg.dataset in ("digits", "synthetic", "cifar10", "cifar100") and device.type == "cpu":
+        # In-memory arrays: worker processes only add start-up and IPC cost on a small CPU.
+        workers = min(workers, 0)
+    train = TorchLoader(train_ds, cfg.batch_size, True, rank, world, cfg.seed, workers, device,
+                        norm)
+    val = None
+    if val_ds is not None:
+        val = TorchLoader(val_ds, cfg.eval_batch_size, False, rank, world, cfg.seed, workers,
+                          device, norm)
+    if len(train) == 0:
+        raise DatasetError(f"the training set ({len(train_ds)} images over {world} process(es)) "
+                           f"is smaller than one batch of {cfg.batch_size}")
+    return Loaders(train, val, nc, "torch")
+
+
+def notice(msg: str):
+    print(f"gendd_fast: {msg}", file=sys.stderr)

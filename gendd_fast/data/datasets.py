@@ -1,0 +1,278 @@
+"""Datasets of the trainer's host (DataLoader) path. Each item is ``(uint8 CHW image, label)``.
+
+Items are fetched with ``dataset[(index, sample_seed)]``: the seed drives the augmentation (see
+:mod:`gendd_fast.data.transforms`). Unlabelled data gives label -1. A file that cannot be decoded
+raises :class:`BadImageError` naming it, or, with ``skip_bad=True``, gives ``None`` (dropped by the
+collate function and counted).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tarfile
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .transforms import pad_crop_flip, train_transform_pil, val_transform_pil
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+
+
+class BadImageError(RuntimeError):
+    """An image file that cannot be read or decoded."""
+
+
+class DatasetError(ValueError):
+    """A dataset path or list that cannot be used as asked."""
+
+
+def _split_key(key):
+    """Accept ``dataset[i]`` (no augmentation randomness needed) and ``dataset[(i, seed)]``."""
+    if isinstance(key, tuple):
+        return int(key[0]), int(key[1])
+    return int(key), int(key)
+
+
+# -- in-memory arrays: digits, CIFAR, synthetic ------------------------------------------------
+class ArrayDataset(torch.utils.data.Dataset):
+    """uint8 NHWC images in memory with pad-and-crop (+ flip) augmentation when training."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, train: bool, pad: int = 4,
+                 flip: bool = True):
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise DatasetError(f"expected uint8 (N, H, W, 3) images, got {images.dtype} "
+                               f"{images.shape}")
+        if len(images) != len(labels):
+            raise DatasetError(f"{len(images)} images but {len(labels)} labels")
+        self.images, self.labels = images, np.asarray(labels, dtype=np.int64)
+        self.train, self.pad, self.flip = train, pad, flip
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, key):
+        i, seed = _split_key(key)
+        img = self.images[i]
+        if self.train:
+            x = pad_crop_flip(img, self.pad, self.flip, random.Random(seed))
+        else:
+            x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).contiguous()
+        return x, int(self.labels[i])
+
+
+def load_digits_arrays(seed: int = 0, size: int = 32, val_fraction: float = 0.2):
+    """scikit-learn's handwritten digits (shipped inside the package: no download), resized to
+    ``size`` and split into a stratified train / held-out pair with a fixed seed."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise DatasetError("the digits dataset needs scikit-learn (pip install scikit-learn)") \
+            from e
+    d = load_digits()
+    imgs = []
+    for a in d.images:  # 8x8 floats in [0, 16]
+        im = Image.fromarray((a / 16.0 * 255.0).round().astype(np.uint8), mode="L")
+        im = im.resize((size, size), Image.BILINEAR)
+        imgs.append(np.repeat(np.asarray(im)[:, :, None], 3, axis=2))
+    images, labels = np.stack(imgs), d.target.astype(np.int64)
+    rng = np.random.RandomState(seed)
+    val_idx = []
+    for c in range(10):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        val_idx += idx[: int(round(len(idx) * val_fraction))].tolist()
+    val_mask = np.zeros(len(labels), dtype=bool)
+    val_mask[val_idx] = True
+    return (images[~val_mask], labels[~val_mask]), (images[val_mask], labels[val_mask])
+
+
+def load_cifar_arrays(root: str, num_classes: int):
+    """CIFAR-10/100 from the python pickle folder (``cifar-10-batches-py`` / ``cifar-100-python``
+    or their parent)."""
+    if not root or not os.path.isdir(root):
+        raise DatasetError(f"CIFAR data path {root!r} does not exist")
+    sub = "cifar-100-python" if num_classes == 100 else "cifar-10-batches-py"
+    if os.path.isdir(os.path.join(root, sub)):
+        root = os.path.join(root, sub)
+    if num_classes == 100:
+        train_files, test_files, key = ["train"], ["test"], b"fine_labels"
+    else:
+        train_files = [f"data_batch_{i}" for i in range(1, 6)]
+        test_files, key = ["test_batch"], b"labels"
+
+    def read(files):
+        xs, ys = [], []
+        for f in files:
+            path = os.path.join(root, f)
+            if not os.path.isfile(path):
+                raise DatasetError(f"CIFAR-{num_classes} file {path!r} is missing (expected the "
+                                   f"python version's pickles in {root!r})")
+            with open(path, "rb") as fh:
+                entry = pickle.load(fh, encoding="bytes")
+            xs.append(np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys += list(entry[key])
+        return np.concatenate(xs).transpose(0, 2, 3, 1).copy(), np.asarray(ys, dtype=np.int64)
+
+    return read(train_files), read(test_files)
+
+
+def synthetic_arrays(n: int, num_classes: int, size: int, seed: int):
+    """Small class-dependent random images for tests and benchmarks (learnable, not trivial)."""
+    g = np.random.RandomState(seed)
+    protos = g.randint(0, 256, size=(num_classes, size, size, 3)).astype(np.float32)
+    labels = g.randint(0, num_classes, size=n).astype(np.int64)
+    noise = g.normal(0, 60, size=(n, size, size, 3))
+    images = np.clip(protos[labels] + noise, 0, 255).astype(np.uint8)
+    return images, labels
+
+
+# -- image files: class folders and 'path label' lists -----------------------------------------
+def scan_image_folder(root: str) -> Tuple[List[Tuple[str, int]], List[str]]:
+    if not root or not os.path.isdir(root):
+        raise DatasetError(f"image folder {root!r} does not exist")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if not classes:
+        raise DatasetError(f"image folder {root!r} has no class sub-folders")
+    samples = []
+    for ci, c in enumerate(classes):
+        for dirpath, _, files in sorted(os.walk(os.path.join(root, c), followlinks=True)):
+            for f in sorted(files):
+                if f.lower().endswith(IMAGE_EXTENSIONS):
+                    samples.append((os.path.join(dirpath, f), ci))
+    if not samples:
+        raise DatasetError(f"image folder {root!r} has no images (looked for "
+                           f"{', '.join(IMAGE_EXTENSIONS)})")
+    return samples, classes
+
+
+def read_file_list(list_path: str, root: Optional[str]) -> List[Tuple[str, int]]:
+    """``relative/path.jpg label`` per line (ImageNet-LT style); blank lines ignored."""
+    if not list_path or not os.path.isfile(list_path):
+        raise DatasetError(f"file list {list_path!r} does not exist")
+    samples = []
+    with open(list_path) as fh:
+        for n, line in enumerate(fh, 1):
+            line = line.strip()
+            if not line:
+                continue
+            parts = line.rsplit(maxsplit=1)
+            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+                raise DatasetError(f"{list_path}:{n}: expected 'path label', got {line!r}")
+            samples.append((os.path.join(root or "", parts[0]), int(parts[1])))
+    if not samples:
+        raise DatasetError(f"file list {list_path!r} is empty")
+    return samples
+
+
+class ImageFileDataset(torch.utils.data.Dataset):
+    """Decodes with Pillow; random-resized-crop + flip for training, resize + centre crop else."""
+
+    def __init__(self, samples: Sequence[Tuple[str, int]], train: bool, image_size: int,
+                 val_resize: int, crop_scale=(0.08, 1.0), skip_bad: bool = False):
+        self.samples = list(samples)
+        self.train, self.size, self.resize = train, image_size, val_resize
+        self.scale, self.skip_bad = tuple(crop_scale), skip_bad
+
+    def __len__(self):
+        return len(self.samples)
+
+    def _open(self, i):
+        path = self.samples[i][0]
+        try:
+            img = Image.open(path)
+            img.load()
+            return img
+        except Exception as e:  # noqa: BLE001 - PIL raises many kinds for a broken file
+            raise BadImageError(f"cannot decode image {path!r}: {type(e).__name__}: {e}") from e
+
+    def __getitem__(self, key):
+        i, seed = _split_key(key)
+        try:
+            img = self._open(i)
+        except BadImageError:
+            if self.skip_bad:
+                return None
+            raise
+        if self.train:
+            x = train_transform_pil(img, self.size, self.scale, random.Random(seed))
+        else:
+            x = val_transform_pil(img, self.resize, self.size)
+        return x, self.samples[i][1]
+
+
+# -- unlabelled WebDataset tar shards -------------------------------------------------------------
+def list_shards(path: str) -> List[str]:
+    if path and os.path.isdir(path):
+        shards = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".tar"))
+    elif path and os.path.isfile(path):
+        shards = [path]
+    else:
+        raise DatasetError(f"webdataset path {path!r} does not exist")
+    if not shards:
+        raise DatasetError(f"no .tar shards in {path!r}")
+    return shards
+
+
+class WebDatasetShards(torch.utils.data.Dataset):
+    """Map-style view of WebDataset tar shards: one sample per key holding an image member.
+
+    A ``.cls`` member, when present, is the label; otherwise -1 (unlabelled, e.g. CC3M).
+    """
+
+    def __init__(self, path: str, train: bool, image_size: int, val_resize: int,
+                 crop_scale=(0.08, 1.0), skip_bad: bool = False):
+        self.items = []  # (shard, image member name, label)
+        for shard in list_shards(path):
+            groups = {}
+            with tarfile.open(shard) as tf:
+                for m in tf.getmembers():
+                    if not m.isfile():
+                        continue
+                    key, _, ext = m.name.partition(".")
+                    groups.setdefault(key, {})[ext.lower()] = m
+                for key in sorted(groups):
+                    g = groups[key]
+                    img = next((g[e] for e in ("jpg", "jpeg", "png", "webp") if e in g), None)
+                    if img is None:
+                        continue
+                    label = -1
+                    if "cls" in g:
+                        label = int(tf.extractfile(g["cls"]).read().decode().strip())
+                    self.items.append((shard, img.name, label))
+        if not self.items:
+            raise DatasetError(f"no images in the webdataset shards at {path!r}")
+        self.train, self.size, self.resize = train, image_size, val_resize
+        self.scale, self.skip_bad = tuple(crop_scale), skip_bad
+        self._handles = {}
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, key):
+        i, seed = _split_key(key)
+        shard, name, label = self.items[i]
+        tf = self._handles.get(shard)
+        if tf is None:
+            tf = self._handles[shard] = tarfile.open(shard)
+        try:
+            img = Image.open(tf.extractfile(name))
+            img.load()
+        except Exception as e:  # noqa: BLE001
+            if self.skip_bad:
+                return None
+            raise BadImageError(f"cannot decode image {name!r} in {shard!r}: "
+                                f"{type(e).__name__}: {e}") from e
+        if self.train:
+            x = train_transform_pil(img, self.size, self.scale, random.Random(seed))
+        else:
+            x = val_transform_pil(img, self.resize, self.size)
+        return x, label
+
+    def __getstate__(self):  # open tar handles do not cross into worker processes
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state

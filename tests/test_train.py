@@ -1,0 +1,166 @@
+"""The trainer end to end on tiny synthetic data: every method, exact resume, errors, evaluate."""
+import dataclasses
+import os
+
+import pytest
+import torch
+
+from gendd_fast import checkpoint as ckpt_io
+from gendd_fast.distill import CE
+from gendd_fast.train import NonFiniteLoss, train
+from helpers import read_metrics, save_teacher, tiny_config
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory):
+    path, _ = save_teacher(tmp_path_factory.mktemp("teacher"))
+    return path
+
+
+@pytest.mark.parametrize("method", ["ce", "kd", "dkd", "gendd-pretrain", "gendd"])
+def test_every_method_trains_and_loss_decreases(tmp_path, teacher_ckpt, method):
+    cfg = tiny_config(tmp_path, method, teacher_ckpt, epochs=6, dkd_warmup=1,
+                      sample_eval="never")
+    res = train(cfg)
+    losses = [r["loss"] for r in read_metrics(cfg.output)]
+    assert len(losses) == 6 * 4
+    assert all(torch.isfinite(torch.tensor(losses)))
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last < first, (method, first, last)
+    assert 0.0 <= res["top1"] <= 100.0 and res["n"] == 16
+    state = torch.load(os.path.join(cfg.output, "last.pt"), weights_only=False)
+    assert state["global_step"] == 24 and state["epoch"] == 6
+    if method == "gendd":
+        assert any(k.startswith("diffloss.net.res_blocks.1.adaLN_modulation.1")
+                   for k in state["extra"])
+        assert "cls_projector.0.weight" in state["extra"]
+
+
+def test_gendd_unsupervised_needs_no_labels(tmp_path, teacher_ckpt):
+    cfg = tiny_config(tmp_path, "gendd", teacher_ckpt, labels=False, smooth=0.0, epochs=1,
+                      sample_eval="never")
+    train(cfg)
+    parts = read_metrics(cfg.output)
+    assert "ce" not in parts[-1] and "diff" in parts[-1]
+
+
+def _params(path):
+    state = torch.load(path, weights_only=False)
+    return ckpt_io.join_state(state), state
+
+
+@pytest.mark.parametrize("method", ["gendd", "kd"])
+def test_resume_is_exact(tmp_path, teacher_ckpt, method):
+    """N steps straight == N/2 steps, stop (mid-epoch), resume, the remaining N/2."""
+    straight = tiny_config(tmp_path / "a", method, teacher_ckpt, epochs=2, sample_eval="never")
+    train(straight)
+    first = tiny_config(tmp_path / "b", method, teacher_ckpt, epochs=2, max_steps=3,
+                        sample_eval="never")
+    train(first)
+    mid, mid_state = _params(os.path.join(first.output, "last.pt"))
+    assert mid_state["global_step"] == 3 and mid_state["step_in_epoch"] == 3
+    resumed = dataclasses.replace(first, max_steps=0, resume="auto")
+    train(resumed)
+    a, sa = _params(os.path.join(straight.output, "last.pt"))
+    b, sb = _params(os.path.join(resumed.output, "last.pt"))
+    assert sa["global_step"] == sb["global_step"] == 8
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert any(not torch.equal(a[k], mid[k]) for k in a)  # the resumed half did train
+    for ga, gb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
+        assert torch.equal(ga["exp_avg"], gb["exp_avg"])
+    # the metrics history reads as one run: one entry per step, no duplicates
+    steps = [r["step"] for r in read_metrics(resumed.output)]
+    assert steps == list(range(1, 9))
+
+
+def test_resume_from_a_different_config_names_the_fields(tmp_path):
+    cfg = tiny_config(tmp_path, "ce", epochs=1)
+    train(cfg)
+    other = dataclasses.replace(cfg, lr=5e-3, batch_size=8, resume="auto")
+    with pytest.raises(ckpt_io.CheckpointError) as e:
+        train(other)
+    assert "lr: checkpoint has 0.002, this run has 0.005" in str(e.value)
+    assert "batch_size" in str(e.value)
+
+
+def test_resume_from_missing_or_corrupt_checkpoint(tmp_path):
+    cfg = tiny_config(tmp_path, "ce", epochs=1, resume=str(tmp_path / "nope.pt"))
+    with pytest.raises(ckpt_io.CheckpointError, match="no such checkpoint"):
+        train(cfg)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ckpt_io.CheckpointError, match="could not be read"):
+        train(dataclasses.replace(cfg, resume=str(bad)))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = CE.forward
+
+    def poisoned(self, *a, **kw):
+        loss, parts = real(self, *a, **kw)
+        calls["n"] += 1
+        return (loss * float("nan"), parts) if calls["n"] == 6 else (loss, parts)
+
+    monkeypatch.setattr(CE, "forward", poisoned)
+    cfg = tiny_config(tmp_path, "ce", epochs=3)
+    with pytest.raises(NonFiniteLoss, match=r"at step 6 \(epoch 2\)") as e:
+        train(cfg)
+    assert "last.pt (step 4), is untouched" in str(e.value)
+    state, meta = _params(os.path.join(cfg.output, "last.pt"))
+    assert meta["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "last.pt"
+    ckpt_io.atomic_save({"a": torch.ones(3)}, str(target))
+
+    def boom(*a, **kw):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError):
+        ckpt_io.atomic_save({"a": torch.zeros(3)}, str(target))
+    assert torch.equal(torch.load(target)["a"], torch.ones(3))  # old file intact
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]   # no temp file left
+
+
+def test_stage_two_initialises_from_stage_one(tmp_path, teacher_ckpt):
+    s1 = tiny_config(tmp_path / "s1", "gendd-pretrain", teacher_ckpt, epochs=1)
+    train(s1)
+    s2 = tiny_config(tmp_path / "s2", "gendd", teacher_ckpt, epochs=1, max_steps=1,
+                     init=os.path.join(s1.output, "last.pt"), lr=1e-12, sample_eval="never")
+    train(s2)
+    a = torch.load(os.path.join(s1.output, "last.pt"), weights_only=False)["model"]
+    b = torch.load(os.path.join(s2.output, "last.pt"), weights_only=False)["model"]
+    k = "layer1.0.conv1.weight"
+    torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_gendd_sampling_evaluation_and_evaluate_cli(tmp_path, teacher_ckpt, capsys):
+    from gendd_fast import evaluate
+    cfg = tiny_config(tmp_path, "gendd", teacher_ckpt, epochs=1, sample_eval="end")
+    res = train(cfg)
+    assert 0 <= res["sample_top1"] <= 100 and 0 <= res["sample_top5"] <= 100
+    out = tmp_path / "eval.json"
+    got = evaluate.main(["--checkpoint", os.path.join(cfg.output, "last.pt"),
+                         "--sampling-steps", "4", "--cfg", "2.0", "--json", str(out)])
+    assert got["top1"] == pytest.approx(res["top1"])   # same weights, same held-out images
+    assert "sample_top1" in got and got["n"] == 16 and out.exists()
+    printed = capsys.readouterr().out
+    assert "sample_top1" in printed
+    ddim = evaluate.main(["--checkpoint", os.path.join(cfg.output, "last.pt"),
+                          "--ddim-steps", "5", "--num-sampling", "2"])
+    assert ddim["top1"] == pytest.approx(res["top1"]) and "sample_top1" in ddim
+    probe = evaluate.main(["--checkpoint", os.path.join(cfg.output, "last.pt"), "--no-sample"])
+    assert "sample_top1" not in probe
+
+
+def test_plot_and_metrics_written(tmp_path):
+    cfg = tiny_config(tmp_path, "ce", epochs=1, plot=True)
+    train(cfg)
+    assert os.path.getsize(os.path.join(cfg.output, "curves.png")) > 1000
+    assert read_metrics(cfg.output, "val")[-1]["top1"] >= 0
