@@ -57,7 +57,9 @@ ext_modules, cmdclass = extension_modules()
 
 setup(
     packages=find_packages(include=["gendd_fast", "gendd_fast.*"]),
-    package_data={"gendd_fast": ["csrc/*"]},
+    # csrc/, kernels/ and configs/ sit at the top of the repository (the design card) and are
+    # linked into the package, so an installed copy carries them too.
+    package_data={"gendd_fast": ["csrc/*", "configs/*.yaml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

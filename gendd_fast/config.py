@@ -15,7 +15,8 @@ from typing import Any, Dict, List, Optional
 
 METHODS = ("ce", "kd", "dkd", "gendd-pretrain", "gendd")
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "filelist", "webdataset", "synthetic")
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+# configs/ at the top of the repository, linked into the package (installed copies carry it).
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
 @dataclass

@@ -73,8 +73,9 @@ def run_demo(output: str = os.path.join("runs", "digits-demo"), epochs: int = 12
             rows.append(dict(row=row, top1=res["top1"], top5=res["top5"],
                              sample_top1=res.get("sample_top1")))
     table = format_table(rows)
-    summary = {"rows": rows, "seconds": round(time.time() - t0, 1), "dataset": "sklearn digits "
-               "32x32, 1437 train / 360 held-out", "epochs": epochs}
+    summary = {"rows": rows, "seconds": round(time.time() - t0, 1),
+               "dataset": "scikit-learn digits at 32x32: 1438 train / 359 held-out images",
+               "epochs": epochs}
     os.makedirs(output, exist_ok=True)
     with open(os.path.join(output, "results.json"), "w") as fh:
         json.dump(summary, fh, indent=2)

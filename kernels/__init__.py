@@ -1,0 +1,1 @@
+"""Triton kernels of the fused GenDD head (imported as ``gendd_fast.kernels``)."""

@@ -1,0 +1,145 @@
+"""GenDD's training step and the baseline losses against direct computations."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gendd_fast import DiffLoss
+from gendd_fast.distill import GenDD, dkd_loss, kd_loss
+from gendd_fast.head import draw_row_randomness
+from gendd_fast.models import create_model
+from conftest import perturb_zero_init
+
+
+def test_kd_loss_by_hand():
+    s, t, T = torch.randn(5, 7), torch.randn(5, 7), 3.0
+    p_t = torch.softmax(t / T, 1)
+    want = (p_t * (torch.log(p_t) - torch.log_softmax(s / T, 1))).sum(1).mean() * T * T
+    torch.testing.assert_close(kd_loss(s, t, T), want)
+
+
+def _dkd_by_hand(s, t, y, alpha, beta, T):
+    total = 0.0
+    for i in range(s.shape[0]):
+        ps, pt = torch.softmax(s[i] / T, 0), torch.softmax(t[i] / T, 0)
+        bs = torch.stack([ps[y[i]], 1 - ps[y[i]]])
+        bt = torch.stack([pt[y[i]], 1 - pt[y[i]]])
+        tckd = (bt * (bt.log() - bs.log())).sum()
+        others = [j for j in range(s.shape[1]) if j != y[i]]
+        qs = torch.softmax(s[i, others] / T, 0)
+        qt = torch.softmax(t[i, others] / T, 0)
+        nckd = (qt * (qt.log() - qs.log())).sum()
+        total = total + alpha * tckd + beta * nckd
+    return total / s.shape[0] * T * T
+
+
+@pytest.mark.parametrize("T", [1.0, 4.0])
+def test_dkd_loss_by_hand(T):
+    s, t, y = torch.randn(6, 9), torch.randn(6, 9) * 2, torch.randint(0, 9, (6,))
+    got = dkd_loss(s, t, y, alpha=1.0, beta=8.0, T=T)
+    torch.testing.assert_close(got, _dkd_by_hand(s, t, y, 1.0, 8.0, T), rtol=1e-4, atol=1e-5)
+    # TCKD and NCKD vanish when the student equals the teacher
+    assert dkd_loss(t, t, y, 1.0, 8.0, T).abs() < 1e-5
+
+
+def make_gendd(d_t=128, d_s=64, **kw):
+    student = create_model("resnet8", 10)
+    teacher_fc = torch.nn.Linear(d_t, 10)
+    args = dict(token_dim=32, width=48, depth=2, sampling_steps="4", mul=3, cond_drop=0.2,
+                beta=1.0, smooth=0.9)
+    args.update(kw)
+    g = GenDD(student, teacher_fc, DiffLoss, **args)
+    perturb_zero_init(g.diffloss)
+    return g
+
+
+def test_distribution_contraction():
+    g = make_gendd()
+    f_t, y = torch.randn(4, 128), torch.tensor([0, 3, 3, 9])
+    w = g.teacher_fc.weight
+    torch.testing.assert_close(g.contract(f_t, y), 0.1 * f_t + 0.9 * w[y])
+    soft = torch.softmax(torch.randn(4, 10), 1)
+    torch.testing.assert_close(g.contract(f_t, soft), 0.1 * f_t + 0.9 * soft @ w)
+    g.smooth = 0.0
+    assert torch.equal(g.contract(f_t, y), f_t)
+
+
+def test_mixing_is_a_convex_pair_combination():
+    g = make_gendd()
+    z, tgt = torch.randn(6, 64), torch.randn(6, 128)
+    torch.manual_seed(3)
+    zm, tm = g.mix(z, tgt)
+    # every mixed row is m * row_i + (1 - m) * row_p(i) with one m and one permutation
+    torch.manual_seed(3)
+    m = float(torch.distributions.Beta(torch.tensor([1.0]), torch.tensor([1.0])).sample())
+    perm = torch.randperm(6)
+    torch.testing.assert_close(zm, m * z + (1 - m) * z[perm])
+    torch.testing.assert_close(tm, m * tgt + (1 - m) * tgt[perm])
+    g.beta = 0.0
+    assert g.mix(z, tgt)[0] is z
+
+
+def test_distill_loss_builds_rows_as_the_reference():
+    """Split tokenization, block-tiled copies, per-row condition dropout, then the loss."""
+    head = perturb_zero_init(DiffLoss(32, 20, 2, 48, "4", 4))
+    B, L, d, mul = 3, 4, 32, 2
+    target, z = torch.randn(B, L * d), torch.randn(B, 20)
+    g1 = torch.Generator().manual_seed(11)
+    got = head.distill_loss(target, z, mul, 0.3, generator=g1)
+    # by hand
+    g2 = torch.Generator().manual_seed(11)
+    N = B * L * mul
+    keep, t, noise = draw_row_randomness(N, d, 0.3, "cpu", g2)
+    rows_x, rows_z, rows_k = [], [], []
+    for _ in range(mul):
+        for b in range(B):
+            for k in range(L):
+                rows_x.append(target[b, k * d:(k + 1) * d])
+                rows_z.append(z[b])
+                rows_k.append(k)
+    x0, zz = torch.stack(rows_x), torch.stack(rows_z) * keep[:, None]
+    assert 0 < int(keep.sum()) < N  # some rows dropped, not all
+    want = head(x0, zz, torch.tensor(rows_k), t=t, noise=noise)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_gendd_step_gradients_reach_student_and_head():
+    g = make_gendd()
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    t_feat = torch.randn(4, 128)
+    loss, parts = g(x, y, (t_feat, None))
+    assert set(parts) == {"diff", "ce"} and math.isfinite(loss.item())
+    loss.backward()
+    assert g.student.layer1[0].conv1.weight.grad.abs().sum() > 0      # through z
+    assert g.student.fc.weight.grad.abs().sum() > 0                   # linear probe CE
+    assert g.diffloss.net.cond_embed.weight.grad.abs().sum() > 0
+    assert g.cls_projector[0].weight.grad.abs().sum() > 0
+    assert g.teacher_fc.weight.grad is None                           # frozen
+
+
+def test_gendd_probe_ce_does_not_train_the_backbone():
+    g = make_gendd()
+    g.diffloss.requires_grad_(False)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    logits = g.student.fc(g.student.forward_features(x).detach())
+    F.cross_entropy(logits, y).backward()
+    assert g.student.layer1[0].conv1.weight.grad is None
+
+
+def test_state_dict_names_match_the_public_code():
+    g = make_gendd()
+    keys = set(g.state_dict())
+    assert {"cls_projector.0.weight", "cls_projector.0.bias", "teacher_fc.weight",
+            "diffloss.net.pos_embed.weight", "diffloss.net.final_layer.linear.weight",
+            "diffloss.net.res_blocks.1.adaLN_modulation.1.weight"} <= keys
+    assert g.diffloss.net.pos_embed.weight.shape == (4, 48)   # 128 / 32 tokens
+
+
+def test_sampling_evaluation_shapes():
+    import contextlib
+    g = make_gendd().eval()
+    out = g.eval_logits(torch.randn(3, 3, 32, 32), contextlib.nullcontext(), sample=True,
+                        cfg=2.0, num_sampling=2)
+    assert out[""].shape == (3, 10) and out["sample_"].shape == (3, 10)
+    assert torch.isfinite(out["sample_"]).all()
