@@ -6,6 +6,9 @@
 //  * cond_embed(z) + pos_embed(k) is computed once per call;
 //  * the unconditional half of CFG has z = 0, so its condition depends only on (step, token):
 //    its adaLN modulations are computed for L rows and gathered, not for N rows;
+//  * the adaLN modulations of all blocks and the final layer are one GEMM against their
+//    weights stacked once per call (11W x W at depth 3), written straight into a buffer that
+//    holds both CFG halves, so no per-step concatenation;
 //  * input_proj(x_t) is shared by both halves (they share x_t);
 //  * the per-step update (guidance mix, variance interpolation, posterior mean, noise) is one
 //    fused pass over the rows (a CUDA kernel on GPU, one vectorised loop on CPU);
@@ -111,29 +114,63 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b)
   return at::addmm(b, x, w.t());
 }
 
-// Modulations of every block and the final layer for conditions y: [(rows, 3W)..., (rows, 2W)].
-std::vector<at::Tensor> modulations(const Head& h, const at::Tensor& y) {
-  const at::Tensor sy = at::silu(y);
-  std::vector<at::Tensor> mods;
-  for (const auto& b : h.blocks) mods.push_back(linear(sy, b.ada_w, b.ada_b));
-  mods.push_back(linear(sy, h.fin_ada_w, h.fin_ada_b));
-  return mods;
+// All adaLN modulation weights stacked for one GEMM `SiLU(y) @ w + b`: w is (W, 11W) at depth
+// 3, columns [block 0: shift, scale, gate | block 1 | block 2 | final: shift, scale]. The bias
+// of every `scale` segment carries the +1 of `LN(h) * (1 + scale)`, so the trunk multiplies by
+// the GEMM output directly. (sampler_ext.stacked_modulation builds the same, cached.)
+struct StackedModulation {
+  at::Tensor w, b;
+};
+
+StackedModulation stack_modulations(const Head& h) {
+  std::vector<at::Tensor> ws, bs;
+  for (const auto& b : h.blocks) {
+    ws.push_back(b.ada_w);
+    bs.push_back(b.ada_b);
+  }
+  ws.push_back(h.fin_ada_w);
+  bs.push_back(h.fin_ada_b);
+  auto bias = at::cat(bs, 0);
+  const int64_t W = h.width;
+  for (size_t i = 0; i <= h.blocks.size(); ++i) bias.narrow(0, 3 * W * i + W, W).add_(1);
+  return {at::cat(ws, 0).t().contiguous(), bias};
 }
 
-// The residual blocks and final layer for hidden states x and per-row modulations.
-at::Tensor trunk(const Head& h, at::Tensor x, const std::vector<at::Tensor>& mods) {
+void check_stacked(const Head& h, const StackedModulation& m) {
+  const int64_t cols = (3 * static_cast<int64_t>(h.blocks.size()) + 2) * h.width;
+  TORCH_CHECK_VALUE(m.w.sizes() == at::IntArrayRef({h.width, cols}) &&
+                        m.b.sizes() == at::IntArrayRef({cols}),
+                    "gendd_fast._C: stacked modulation must be (", h.width, ", ", cols,
+                    ") and (", cols, "), got ", m.w.sizes(), " and ", m.b.sizes());
+  TORCH_CHECK_VALUE(m.w.device() == h.t_w0.device() && m.w.scalar_type() == h.t_w0.scalar_type(),
+                    "gendd_fast._C: stacked modulation must match the weights' device and dtype");
+}
+
+// out (rows, 11W) <- SiLU(y) @ stacked + bias: every modulation of every layer in one GEMM.
+void modulations_into(at::Tensor out, const StackedModulation& m, const at::Tensor& y) {
+  at::addmm_out(out, m.b, at::silu(y), m.w);
+}
+
+// The residual blocks and final layer for hidden states x and per-row modulations `mods`
+// laid out as stack_modulations() stacks the weights.
+at::Tensor trunk(const Head& h, at::Tensor x, const at::Tensor& mods) {
   const int64_t W = h.width;
-  for (size_t i = 0; i < h.blocks.size(); ++i) {
-    const auto& b = h.blocks[i];
-    auto ch = mods[i].split(W, 1);  // shift, scale, gate
+  int64_t col = 0;
+  auto take = [&](int64_t width) {
+    auto v = mods.narrow(1, col, width);
+    col += width;
+    return v;
+  };
+  for (const auto& b : h.blocks) {
+    auto shift = take(W), scale1 = take(W), gate = take(W);  // scale1 = 1 + scale
     auto u = at::layer_norm(x, {W}, b.ln_w, b.ln_b, 1e-6);
-    u = at::addcmul(ch[0], u, ch[1] + 1);
+    u = at::addcmul(shift, u, scale1);
     u = linear(at::silu(linear(u, b.w0, b.b0)), b.w2, b.b2);
-    x = at::addcmul(x, ch[2], u);
+    x = at::addcmul(x, gate, u);
   }
-  auto ch = mods.back().split(W, 1);
+  auto shift = take(W), scale1 = take(W);
   auto u = at::layer_norm(x, {W}, {}, {}, 1e-6);
-  u = at::addcmul(ch[0], u, ch[1] + 1);
+  u = at::addcmul(shift, u, scale1);
   return linear(u, h.fin_w, h.fin_b);
 }
 
@@ -185,7 +222,8 @@ void step_update_cpu(at::Tensor& x, const at::Tensor& out_any, const at::Tensor&
 at::Tensor sample_loop(const std::vector<at::Tensor>& weights, int64_t depth, at::Tensor z,
                        at::Tensor chunk_idx, at::Tensor x_T, at::Tensor step_noises,
                        at::Tensor tables, at::Tensor timesteps, double cfg, double temperature,
-                       bool ddim, double eta, bool check_indices) {
+                       bool ddim, double eta, bool check_indices,
+                       c10::optional<at::Tensor> stacked_w, c10::optional<at::Tensor> stacked_b) {
   const Head h = unpack(weights, depth);
   const auto dev = h.t_w0.device();
   const auto wdt = h.t_w0.scalar_type();
@@ -229,29 +267,48 @@ at::Tensor sample_loop(const std::vector<at::Tensor>& weights, int64_t depth, at
   auto tfreq = at::cat({at::cos(args), at::sin(args)}, 1).to(wdt);
   auto temb = linear(at::silu(linear(tfreq, h.t_w0, h.t_b0)), h.t_w2, h.t_b2);
 
-  // Condition without the time term, once per call: cond rows (n, W), uncond per token (L, W).
+  // Condition without the time term, once per call, for the rows one GEMM serves each step:
+  // rows [0, L) the unconditional condition of each token (cond_embed(0) is its bias), rows
+  // [L, L + n) the conditional rows.
   auto idx = chunk_idx.to(dev).to(at::kLong);
   auto base_c = linear(z.to(wdt), h.cond_w, h.cond_b) + h.pos_w.index_select(0, idx);
-  auto base_u = h.pos_w + h.cond_b;  // cond_embed(0) is its bias
+  const int64_t L = h.chunks;
+  auto base = guided ? at::cat({h.pos_w + h.cond_b, base_c}, 0) : base_c;
+  const int64_t first = guided ? L : 0;  // first conditional row of `base` and `mods`
 
   auto x = x_T.to(at::kFloat).contiguous().clone();
   auto noises = step_noises.to(at::kFloat).contiguous();
   auto tab = tables.to(at::kCPU).to(at::kFloat).contiguous();
   const float* tp = tab.data_ptr<float>();
 
+  StackedModulation stacked;
+  if (stacked_w.has_value() && stacked_b.has_value()) {
+    stacked = {*stacked_w, *stacked_b};
+    check_stacked(h, stacked);
+  } else {
+    stacked = stack_modulations(h);
+  }
+  const int64_t mod_width = stacked.w.size(1);
+  // mods rows: [0, L) per-token unconditional, [L, L + n) conditional, [L + n, L + 2n) the
+  // unconditional rows gathered per row (guided); unguided: [0, n) conditional.
+  auto mods = at::empty({first + (guided ? 2 * n : n), mod_width}, stacked.w.options());
+  auto hid = at::empty({guided ? 2 * n : n, h.width}, stacked.w.options());
+  auto mods_gemm = mods.narrow(0, 0, first + n);
+  auto mods_trunk = mods.narrow(0, first, guided ? 2 * n : n);
+  auto mods_gathered = guided ? mods.narrow(0, first + n, n) : at::Tensor();
+  auto mods_uncond = guided ? mods.narrow(0, 0, L) : at::Tensor();
+  auto hid_cond = hid.narrow(0, 0, n);
+  auto hid_uncond = guided ? hid.narrow(0, n, n) : at::Tensor();
+
   for (int64_t step = 0; step < S; ++step) {
     const int64_t i = S - 1 - step;  // respaced index, from T down to 0
-    auto t_row = temb.narrow(0, i, 1);
-    auto mods = modulations(h, base_c + t_row);
-    auto hid = linear(x.to(wdt), h.in_w, h.in_b);
+    modulations_into(mods_gemm, stacked, base + temb.narrow(0, i, 1));
+    at::addmm_out(hid_cond, h.in_b, x.to(wdt), h.in_w.t());
     if (guided) {
-      auto mods_u = modulations(h, base_u + t_row);  // (L, .) then gathered per row
-      for (size_t m = 0; m < mods.size(); ++m) {
-        mods[m] = at::cat({mods[m], mods_u[m].index_select(0, idx)}, 0);
-      }
-      hid = at::cat({hid, hid}, 0);
+      at::index_select_out(mods_gathered, mods_uncond, 0, idx);
+      hid_uncond.copy_(hid_cond);  // both halves share x_t
     }
-    auto out = trunk(h, hid, mods);
+    auto out = trunk(h, hid, mods_trunk);
     const float* r = tp + i * 8;
     StepScalars s{r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7],
                   i > 0 ? static_cast<float>(temperature) : 0.f};
@@ -274,7 +331,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sample_loop", &gendd::sample_loop, "Run the whole respaced sampling loop",
         py::arg("weights"), py::arg("depth"), py::arg("z"), py::arg("chunk_idx"), py::arg("x_T"),
         py::arg("step_noises"), py::arg("tables"), py::arg("timesteps"), py::arg("cfg"),
-        py::arg("temperature"), py::arg("ddim"), py::arg("eta"), py::arg("check_indices") = true);
+        py::arg("temperature"), py::arg("ddim"), py::arg("eta"), py::arg("check_indices") = true,
+        py::arg("stacked_w") = py::none(), py::arg("stacked_b") = py::none());
 #ifdef WITH_CUDA
   m.attr("with_cuda") = true;
 #else

@@ -1,7 +1,10 @@
 // The fused per-step update of the GenDD sampler on CUDA: guidance mix, learned-range variance
 // interpolation, posterior mean (or DDIM update) and noise, in one pass over the rows.
-#include <ATen/cuda/CUDAContext.h>
+// c10's CUDA headers only (not ATen/cuda/CUDAContext.h): the kernel needs a stream and a device
+// guard, not cuBLAS/cuSPARSE, so it builds with a minimal CUDA toolkit too.
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include "sampler.h"
 
@@ -50,7 +53,7 @@ void step_update_cuda(at::Tensor& x, const at::Tensor& out, const at::Tensor& no
   }
   const int threads = 256;
   const int64_t blocks = (n * d + threads - 1) / threads;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "gendd_step", [&] {
     step_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
         x.data_ptr<float>(), out.data_ptr<scalar_t>(), noise.data_ptr<float>(), n, d, od, s,

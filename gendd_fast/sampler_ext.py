@@ -74,6 +74,26 @@ def head_weights(net) -> List[torch.Tensor]:
     return [t.detach() for t in w]
 
 
+def stacked_modulation(net):
+    """Every adaLN modulation weight stacked for one GEMM, ``(W, 11W)`` and ``(11W,)`` at depth
+    3, with the ``+1`` of ``1 + scale`` folded into the scale segments of the bias. Cached on the
+    head until any of those weights changes (an optimizer step bumps their version)."""
+    layers = [b.adaLN_modulation[1] for b in net.res_blocks] + [net.final_layer.adaLN_modulation[1]]
+    params = [t for m in layers for t in (m.weight, m.bias)]
+    key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+    cached = net.__dict__.get("_gendd_stacked_modulation")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    with torch.no_grad():
+        w = torch.cat([m.weight for m in layers]).t().contiguous()
+        b = torch.cat([m.bias for m in layers]).clone()
+        width = net.model_channels
+        for i in range(len(layers)):
+            b[3 * width * i + width: 3 * width * i + 2 * width] += 1
+    net.__dict__["_gendd_stacked_modulation"] = (key, (w, b))
+    return w, b
+
+
 _TABLE_COLUMNS = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
                   "posterior_mean_coef1", "posterior_mean_coef2", "log_betas",
                   "posterior_log_variance_clipped", "alphas_cumprod", "alphas_cumprod_prev")
@@ -87,7 +107,7 @@ def step_tables(diffusion) -> torch.Tensor:
 
 def sample(head, z, chunk_idx, x_T, step_noises, cfg=1.0, temperature=1.0, ddim=False, eta=0.0,
            weights: Optional[List[torch.Tensor]] = None, timesteps: Optional[torch.Tensor] = None,
-           tables: Optional[torch.Tensor] = None, check_indices: bool = True):
+           tables: Optional[torch.Tensor] = None, check_indices: bool = True, stacked=None):
     """Run the whole loop natively. ``z``/``chunk_idx`` are the conditional rows only; with CFG
     the unconditional rows (z = 0, same chunk indices) are implied."""
     mod = load_extension()
@@ -99,9 +119,12 @@ def sample(head, z, chunk_idx, x_T, step_noises, cfg=1.0, temperature=1.0, ddim=
         timesteps = torch.tensor(diffusion.timestep_map, dtype=torch.long, device=w[0].device)
     if tables is None:
         tables = step_tables(diffusion)
+    if stacked is None and weights is None:
+        stacked = stacked_modulation(head.net)
+    stacked_w, stacked_b = stacked if stacked is not None else (None, None)
     return mod.sample_loop(w, len(head.net.res_blocks), z.to(w[0].dtype), chunk_idx, x_T.float(),
                            step_noises.float(), tables, timesteps, float(cfg), float(temperature),
-                           bool(ddim), float(eta), check_indices)
+                           bool(ddim), float(eta), check_indices, stacked_w, stacked_b)
 
 
 class GraphedSampler:
@@ -127,7 +150,8 @@ class GraphedSampler:
         self.x_T = torch.zeros(n_rows, d, device=dev)
         self.noises = torch.zeros(steps, n_rows, d, device=dev)
         # Everything the loop reads from the host is made before capture (no copies inside it).
-        self.kw.update(weights=self.weights, check_indices=False, tables=step_tables(
+        self.kw.update(weights=self.weights, check_indices=False, stacked=stacked_modulation(
+            head.net), tables=step_tables(
             head.gen_diffusion), timesteps=torch.tensor(head.gen_diffusion.timestep_map,
                                                         dtype=torch.long, device=dev))
         stream = torch.cuda.Stream()
