@@ -8,7 +8,6 @@ dropout) and returns one token per input row.
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import torch
 

@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 import time
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 import torch.nn as nn

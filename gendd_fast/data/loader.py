@@ -11,7 +11,7 @@ sharded, resumable :class:`EpochSampler`; :mod:`gendd_fast.data.dali` is the GPU
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 

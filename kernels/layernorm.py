@@ -1,0 +1,145 @@
+"""Row-wise kernels around the AdaLN GEMMs: LayerNorm statistics, and the backward of
+``u = LN(h) * (1 + scale) + shift`` (and of the gated residual) without materialising LN(h).
+
+The forward GEMMs apply LN and the modulation in their prologue from the per-row mean / rstd
+computed here, so the normalised activations never reach memory; the backward recomputes them
+row by row here.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .utils import empty, empty_like, next_pow2, row_block, tl, triton
+
+if triton is not None:
+
+    @triton.jit
+    def _ln_stats_kernel(X, sx, MEAN, RSTD, n_rows, W, eps,
+                         ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
+        cols = tl.arange(0, BLOCK_W)
+        cmask = cols < W
+        for i in range(ROWS):
+            r = tl.program_id(0) * ROWS + i
+            if r < n_rows:
+                x = tl.load(X + r * sx + cols, mask=cmask, other=0.0).to(tl.float32)
+                mean = tl.sum(x, axis=0) / W
+                d = tl.where(cmask, x - mean, 0.0)
+                var = tl.sum(d * d, axis=0) / W
+                tl.store(MEAN + r, mean)
+                tl.store(RSTD + r, 1.0 / tl.sqrt(var + eps))
+
+    @triton.jit
+    def _ln_mod_bwd_kernel(DU, sdu, H, sh, MEAN, RSTD, LNW, LNB, SCALE, ssc,
+                           G, sg, DH, sdh, DSHIFT, sds, DSCALE, sdsc, PW, PB, n_rows, W,
+                           HAS_AFFINE: tl.constexpr, HAS_RESID: tl.constexpr,
+                           ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_W)
+        cmask = cols < W
+        if HAS_AFFINE:
+            lw = tl.load(LNW + cols, mask=cmask, other=0.0).to(tl.float32)
+            lb = tl.load(LNB + cols, mask=cmask, other=0.0).to(tl.float32)
+        acc_w = tl.zeros((BLOCK_W,), dtype=tl.float32)
+        acc_b = tl.zeros((BLOCK_W,), dtype=tl.float32)
+        for i in range(ROWS):
+            r = pid * ROWS + i
+            if r < n_rows:
+                du = tl.load(DU + r * sdu + cols, mask=cmask, other=0.0).to(tl.float32)
+                h = tl.load(H + r * sh + cols, mask=cmask, other=0.0).to(tl.float32)
+                sc1 = 1.0 + tl.load(SCALE + r * ssc + cols, mask=cmask, other=0.0).to(tl.float32)
+                mean = tl.load(MEAN + r)
+                rstd = tl.load(RSTD + r)
+                xhat = tl.where(cmask, (h - mean) * rstd, 0.0)
+                if HAS_AFFINE:
+                    n = xhat * lw + lb
+                else:
+                    n = xhat
+                # u = n * (1 + scale) + shift
+                tl.store(DSHIFT + r * sds + cols, du.to(DSHIFT.dtype.element_ty), mask=cmask)
+                tl.store(DSCALE + r * sdsc + cols, (du * n).to(DSCALE.dtype.element_ty),
+                         mask=cmask)
+                dn = du * sc1
+                if HAS_AFFINE:
+                    acc_w += dn * xhat
+                    acc_b += dn
+                    dxhat = dn * lw
+                else:
+                    dxhat = dn
+                dxhat = tl.where(cmask, dxhat, 0.0)
+                c1 = tl.sum(dxhat, axis=0) / W
+                c2 = tl.sum(dxhat * xhat, axis=0) / W
+                dh = rstd * (dxhat - c1 - xhat * c2)
+                if HAS_RESID:
+                    dh += tl.load(G + r * sg + cols, mask=cmask, other=0.0).to(tl.float32)
+                tl.store(DH + r * sdh + cols, dh.to(DH.dtype.element_ty), mask=cmask)
+        if HAS_AFFINE:
+            tl.store(PW + pid * W + cols, acc_w, mask=cmask)
+            tl.store(PB + pid * W + cols, acc_b, mask=cmask)
+
+    @triton.jit
+    def _gate_bwd_kernel(G, sg, V, sv, GATE, sgate, DGATE, sdg, PB, n_rows, W,
+                         ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
+        """h' = h + gate * v: dgate = g * v, and column partial sums of dv = g * gate (the bias
+        gradient of the layer that produced v)."""
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_W)
+        cmask = cols < W
+        acc = tl.zeros((BLOCK_W,), dtype=tl.float32)
+        for i in range(ROWS):
+            r = pid * ROWS + i
+            if r < n_rows:
+                g = tl.load(G + r * sg + cols, mask=cmask, other=0.0).to(tl.float32)
+                v = tl.load(V + r * sv + cols, mask=cmask, other=0.0).to(tl.float32)
+                gate = tl.load(GATE + r * sgate + cols, mask=cmask, other=0.0).to(tl.float32)
+                tl.store(DGATE + r * sdg + cols, (g * v).to(DGATE.dtype.element_ty), mask=cmask)
+                acc += g * gate
+        tl.store(PB + pid * W + cols, acc, mask=cmask)
+
+
+def ln_stats(x: torch.Tensor, eps: float):
+    """Per-row mean and 1/sqrt(var + eps) of a (rows, W) tensor, fp32."""
+    n, W = x.shape
+    mean = empty(n, x.device, torch.float32)
+    rstd = empty_like(mean)
+    rows = row_block(n)
+    _ln_stats_kernel[(triton.cdiv(n, rows),)](x, x.stride(0), mean, rstd, n, W, eps, ROWS=rows,
+                                              BLOCK_W=next_pow2(W))
+    return mean, rstd
+
+
+def ln_mod_backward(du, h, mean, rstd, scale, dshift_out, dscale_out,
+                    ln_w: Optional[torch.Tensor] = None, ln_b: Optional[torch.Tensor] = None,
+                    g: Optional[torch.Tensor] = None):
+    """Backward of ``u = (LN(h) [* ln_w + ln_b]) * (1 + scale) + shift`` given ``du``.
+
+    Writes d shift and d scale into the given (possibly strided) outputs and returns
+    ``(dh [+ g], d ln_w, d ln_b)`` (the last two None without affine)."""
+    n, W = h.shape
+    rows = row_block(n)
+    progs = triton.cdiv(n, rows)
+    dh = empty_like(h)
+    affine = ln_w is not None
+    pw = empty((progs, W), h.device, torch.float32) if affine else dh
+    pb = empty((progs, W), h.device, torch.float32) if affine else dh
+    gg = g if g is not None else du
+    _ln_mod_bwd_kernel[(progs,)](
+        du, du.stride(0), h, h.stride(0), mean, rstd, ln_w if affine else mean,
+        ln_b if affine else mean, scale, scale.stride(0), gg, gg.stride(0), dh, dh.stride(0),
+        dshift_out, dshift_out.stride(0), dscale_out, dscale_out.stride(0), pw, pb, n, W,
+        HAS_AFFINE=affine, HAS_RESID=g is not None, ROWS=rows, BLOCK_W=next_pow2(W))
+    if affine:
+        return dh, pw.sum(0), pb.sum(0)
+    return dh, None, None
+
+
+def gate_backward(g, v, gate, dgate_out):
+    """dgate = g * v into ``dgate_out``; returns the column sums of g * gate (fp32)."""
+    n, W = g.shape
+    rows = row_block(n)
+    progs = triton.cdiv(n, rows)
+    pb = empty((progs, W), g.device, torch.float32)
+    _gate_bwd_kernel[(progs,)](g, g.stride(0), v, v.stride(0), gate, gate.stride(0), dgate_out,
+                               dgate_out.stride(0), pb, n, W, ROWS=rows, BLOCK_W=next_pow2(W))
+    return pb.sum(0)

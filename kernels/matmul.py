@@ -1,0 +1,200 @@
+"""One GEMM kernel with the prologues and epilogues the AdaLN head needs.
+
+``C[m, n] = sum_k opA[m, k] * opB[k, n]`` with fp32 accumulation, where each operand tile is
+loaded from a logical matrix ``X[row, col]`` through a prologue, so the transformed operand is
+never written to memory:
+
+- ``PLAIN``: ``X``
+- ``SILU``: ``SiLU(X)``                                       (adaLN input, MLP hidden)
+- ``LNMOD``: ``LN(X)[row] * (1 + scale[row, col]) + shift[row, col]``, LN from the row's
+  precomputed mean / rstd and an optional per-column affine (the block's ``in_ln``)
+- ``MUL``: ``X * Y``                                           (``g * gate`` in backward)
+
+Operand A is read as ``X[m, k]``, or as ``X[k, m]`` transposed (``a_t``: the weight-gradient
+GEMMs, whose reduction runs over the rows). Operand B is ``X[k, n]`` with arbitrary strides
+(``W^T`` of a weight, or an activation in the weight-gradient GEMMs).
+
+Epilogues (on the fp32 accumulator, plus an optional per-column bias):
+
+- ``STORE``: ``C = acc``
+- ``GATE_RESIDUAL``: ``V = acc``; ``C = R + G * V`` (stores both V and C)
+- ``SILU_GRAD``: ``C = acc * SiLU'(P)`` (backward through a SiLU whose input P was kept)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .utils import interpreting, tl, triton
+
+PLAIN, SILU, LNMOD, MUL = 0, 1, 2, 3
+STORE, GATE_RESIDUAL, SILU_GRAD = 0, 1, 2
+
+
+@dataclass
+class Operand:
+    """A logical matrix and its prologue. ``x`` is 2-D with any strides; ``aux``/``shift`` are
+    (rows, cols) tensors (MUL: the factor; LNMOD: 1 + scale is applied to ``aux`` = scale);
+    ``mean``/``rstd`` are (rows,) fp32; ``ln_w``/``ln_b`` are (cols,) or None."""
+    x: torch.Tensor
+    mode: int = PLAIN
+    aux: Optional[torch.Tensor] = None
+    shift: Optional[torch.Tensor] = None
+    mean: Optional[torch.Tensor] = None
+    rstd: Optional[torch.Tensor] = None
+    ln_w: Optional[torch.Tensor] = None
+    ln_b: Optional[torch.Tensor] = None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _load_tile(X, sx0, sx1, r, c, R, C, MODE: tl.constexpr,
+                   AUX, sa0, sa1, SH, ss0, ss1, MEAN, RSTD, LNW, LNB,
+                   HAS_AFFINE: tl.constexpr):
+        """Tile X[r, c] (fp32) after the prologue; out-of-range entries are 0."""
+        mask = (r[:, None] < R) & (c[None, :] < C)
+        x = tl.load(X + r[:, None] * sx0 + c[None, :] * sx1, mask=mask, other=0.0).to(tl.float32)
+        if MODE == 1:
+            x = x * tl.sigmoid(x)
+        elif MODE == 2:
+            mu = tl.load(MEAN + r, mask=r < R, other=0.0)
+            rs = tl.load(RSTD + r, mask=r < R, other=0.0)
+            x = (x - mu[:, None]) * rs[:, None]
+            if HAS_AFFINE:
+                w = tl.load(LNW + c, mask=c < C, other=0.0).to(tl.float32)
+                b = tl.load(LNB + c, mask=c < C, other=0.0).to(tl.float32)
+                x = x * w[None, :] + b[None, :]
+            sc = tl.load(AUX + r[:, None] * sa0 + c[None, :] * sa1, mask=mask,
+                         other=0.0).to(tl.float32)
+            sh = tl.load(SH + r[:, None] * ss0 + c[None, :] * ss1, mask=mask,
+                         other=0.0).to(tl.float32)
+            x = tl.where(mask, x * (1.0 + sc) + sh, 0.0)
+        elif MODE == 3:
+            y = tl.load(AUX + r[:, None] * sa0 + c[None, :] * sa1, mask=mask,
+                        other=0.0).to(tl.float32)
+            x = x * y
+        return x
+
+    @triton.jit
+    def _fused_matmul_kernel(
+            A, sa0, sa1, A_MODE: tl.constexpr, A_T: tl.constexpr,
+            A_AUX, saa0, saa1, A_SH, sas0, sas1, A_MEAN, A_RSTD, A_LNW, A_LNB,
+            A_AFFINE: tl.constexpr,
+            B, sb0, sb1, B_MODE: tl.constexpr,
+            B_AUX, sba0, sba1, B_SH, sbs0, sbs1, B_MEAN, B_RSTD, B_LNW, B_LNB,
+            B_AFFINE: tl.constexpr,
+            C, sc0, sc1, BIAS, HAS_BIAS: tl.constexpr, EPI: tl.constexpr,
+            E1, se10, se11, E2, se20, se21, V, sv0, sv1,
+            M, N, K,
+            DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+            GROUP_M: tl.constexpr):
+        # grouped ordering of the output tiles: neighbouring programs share A rows in cache
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        group = GROUP_M * num_n
+        first_m = (pid // group) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % group) % size_m
+        pid_n = (pid % group) // size_m
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            if A_T:  # A = X^T: load X[k, m] and transpose
+                a = _load_tile(A, sa0, sa1, offs_k, offs_m, K, M, A_MODE, A_AUX, saa0, saa1,
+                               A_SH, sas0, sas1, A_MEAN, A_RSTD, A_LNW, A_LNB, A_AFFINE)
+                a = tl.trans(a)
+            else:
+                a = _load_tile(A, sa0, sa1, offs_m, offs_k, M, K, A_MODE, A_AUX, saa0, saa1,
+                               A_SH, sas0, sas1, A_MEAN, A_RSTD, A_LNW, A_LNB, A_AFFINE)
+            b = _load_tile(B, sb0, sb1, offs_k, offs_n, K, N, B_MODE, B_AUX, sba0, sba1,
+                           B_SH, sbs0, sbs1, B_MEAN, B_RSTD, B_LNW, B_LNB, B_AFFINE)
+            if IEEE:
+                acc += tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision="ieee")
+            else:
+                acc += tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE))
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        if HAS_BIAS:
+            bias = tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+            acc += bias[None, :]
+        if EPI == 1:  # V = acc; C = R + G * V
+            tl.store(V + offs_m[:, None] * sv0 + offs_n[None, :] * sv1,
+                     acc.to(V.dtype.element_ty), mask=mask)
+            res = tl.load(E1 + offs_m[:, None] * se10 + offs_n[None, :] * se11, mask=mask,
+                          other=0.0).to(tl.float32)
+            gate = tl.load(E2 + offs_m[:, None] * se20 + offs_n[None, :] * se21, mask=mask,
+                           other=0.0).to(tl.float32)
+            acc = res + gate * acc
+        elif EPI == 2:  # C = acc * SiLU'(P)
+            p = tl.load(E1 + offs_m[:, None] * se10 + offs_n[None, :] * se11, mask=mask,
+                        other=0.0).to(tl.float32)
+            sig = tl.sigmoid(p)
+            acc = acc * sig * (1.0 + p * (1.0 - sig))
+        tl.store(C + offs_m[:, None] * sc0 + offs_n[None, :] * sc1, acc.to(C.dtype.element_ty),
+                 mask=mask)
+
+
+_TL_DTYPE = {}
+if triton is not None:
+    _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _launch_config(M: int, N: int, K: int):
+    """Block sizes. The interpreter gets small blocks (fast on CPU); on the GPU the tiles follow
+    the problem: weight-gradient GEMMs (small M x N, long K) use smaller tiles for occupancy."""
+    if interpreting():
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
+    small_out = M * N <= 2048 * 2048
+    if small_out and K > 4 * max(M, N):
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
+    if N <= 128:
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def _operand_args(op: Operand, dummy: torch.Tensor):
+    aux = op.aux if op.aux is not None else dummy
+    sh = op.shift if op.shift is not None else dummy
+    return (aux, aux.stride(0) if aux.dim() == 2 else 0, aux.stride(1) if aux.dim() == 2 else 0,
+            sh, sh.stride(0) if sh.dim() == 2 else 0, sh.stride(1) if sh.dim() == 2 else 0,
+            op.mean if op.mean is not None else dummy, op.rstd if op.rstd is not None else dummy,
+            op.ln_w if op.ln_w is not None else dummy, op.ln_b if op.ln_b is not None else dummy,
+            op.ln_w is not None)
+
+
+def fused_matmul(a: Operand, b: Operand, out: torch.Tensor, a_t: bool = False,
+                 bias: Optional[torch.Tensor] = None, epilogue: int = STORE,
+                 e1: Optional[torch.Tensor] = None, e2: Optional[torch.Tensor] = None,
+                 v_out: Optional[torch.Tensor] = None, dot_dtype: torch.dtype = torch.float32,
+                 ieee: bool = True) -> torch.Tensor:
+    """``out (M, N) <- epilogue(opA @ opB + bias)``; see the module docstring."""
+    M, N = out.shape
+    K = a.x.shape[0] if a_t else a.x.shape[1]
+    if (a.x.shape[1] if a_t else a.x.shape[0]) != M or b.x.shape != (K, N):
+        raise ValueError(f"fused_matmul: shapes do not chain: A {tuple(a.x.shape)} "
+                         f"(transposed={a_t}), B {tuple(b.x.shape)}, out {tuple(out.shape)}")
+    dummy = out
+    e1 = e1 if e1 is not None else dummy
+    e2 = e2 if e2 is not None else dummy
+    v = v_out if v_out is not None else dummy
+    cfg = _launch_config(M, N, K)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    _fused_matmul_kernel[grid](
+        a.x, a.x.stride(0), a.x.stride(1), a.mode, a_t, *_operand_args(a, dummy),
+        b.x, b.x.stride(0), b.x.stride(1), b.mode, *_operand_args(b, dummy),
+        out, out.stride(0), out.stride(1), bias if bias is not None else dummy, bias is not None,
+        epilogue, e1, e1.stride(0), e1.stride(1), e2, e2.stride(0), e2.stride(1),
+        v, v.stride(0), v.stride(1), M, N, K,
+        DOT_DTYPE=_TL_DTYPE[dot_dtype], IEEE=ieee and dot_dtype == torch.float32, **cfg)
+    return out
+
+
+def weight_t(w: torch.Tensor) -> Operand:
+    """B operand ``W^T`` of a (out, in) weight, without a copy."""
+    return Operand(w.t())

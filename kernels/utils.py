@@ -1,0 +1,67 @@
+"""Helpers shared by the kernels: where Triton can run, dtypes, launch sizes."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:  # a machine without Triton still imports gendd_fast
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+
+def interpreting() -> bool:
+    """Triton's interpreter runs kernels on CPU tensors (tests); it must be set before import."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(device: torch.device) -> Optional[str]:
+    """Why the Triton kernels cannot run on ``device`` (None when they can)."""
+    if not HAS_TRITON:
+        return "Triton is not installed"
+    device = torch.device(device)
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and interpreting():
+        return None
+    return (f"Triton kernels need a CUDA device (got {device.type}; TRITON_INTERPRET=1 runs them "
+            f"on CPU through the interpreter, slowly)")
+
+
+def poisoning() -> bool:
+    """GENDD_FAST_POISON=1 (tests): kernel outputs start as NaN, so an element a kernel fails
+    to write shows up instead of passing as leftover memory."""
+    return os.environ.get("GENDD_FAST_POISON", "0") == "1"
+
+
+def empty(shape, device, dtype) -> torch.Tensor:
+    out = torch.empty(shape, device=device, dtype=dtype)
+    if poisoning():
+        out.fill_(float("nan"))
+    return out
+
+
+def empty_like(t: torch.Tensor, dtype=None) -> torch.Tensor:
+    return empty(t.shape, t.device, dtype or t.dtype)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def row_block(n_rows: int) -> int:
+    """Rows handled per program by the row-wise kernels."""
+    return 4 if interpreting() else 16
+
+
+def check_same_rows(*tensors):
+    n = tensors[0].shape[0]
+    for t in tensors[1:]:
+        if t is not None and t.shape[0] != n:
+            raise ValueError(f"row counts differ: {n} vs {t.shape[0]}")

@@ -1,0 +1,124 @@
+"""FusedDiffLoss against the reference DiffLoss: loss and every gradient, through the interpreter.
+
+The zero-initialised layers (adaLN, final layer) are re-drawn at random first: zeros would hide
+errors. Tolerances: fp32 1e-4 relative (loss) and 5e-4 relative to each gradient's largest
+element; fp16 (autocast) against fp32 math: 2e-2 for the loss and 5e-2 for gradients.
+"""
+import io
+
+import pytest
+import torch
+
+from gendd_fast import DiffLoss, FusedDiffLoss
+from gendd_fast import fused_head
+from conftest import perturb_zero_init
+
+
+def pair(d=16, zc=24, depth=2, width=64, L=3, seed=0):
+    torch.manual_seed(seed)
+    ref = perturb_zero_init(DiffLoss(d, zc, depth, width, "4", L), std=0.1)
+    fus = FusedDiffLoss(d, zc, depth, width, "4", L)
+    fus.load_state_dict(ref.state_dict())
+    return ref, fus
+
+
+def compare_grads(ref, fus, z_ref, z_fus, tol):
+    for (name, p), (_, q) in zip(ref.named_parameters(), fus.named_parameters()):
+        assert q.grad is not None and not torch.isnan(q.grad).any(), name
+        scale = p.grad.abs().max().clamp_min(1e-8)
+        err = ((p.grad - q.grad).abs().max() / scale).item()
+        assert err <= tol, f"{name}: gradient relative error {err:.2e}"
+    err = ((z_ref.grad - z_fus.grad).abs().max() / z_ref.grad.abs().max()).item()
+    assert err <= tol, f"z: gradient relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("B,L,mul,width,depth,drop", [
+    (5, 3, 2, 64, 2, 0.3),    # 30 rows
+    (7, 1, 3, 96, 1, 0.2),    # one token per image
+    (3, 4, 5, 128, 3, 0.0),   # 60 rows, no dropout
+    (2, 2, 7, 256, 2, 0.5),   # widest
+])
+def test_distill_loss_matches_reference(B, L, mul, width, depth, drop):
+    d, zc = 16, 24
+    ref, fus = pair(d, zc, depth, width, L)
+    target = torch.randn(B, L * d)
+    z_ref = torch.randn(B, zc, requires_grad=True)
+    z_fus = z_ref.detach().clone().requires_grad_(True)
+    lr = ref.distill_loss(target, z_ref, mul, drop, generator=torch.Generator().manual_seed(7))
+    lf = fus.distill_loss(target, z_fus, mul, drop, generator=torch.Generator().manual_seed(7))
+    assert abs(lf.item() - lr.item()) <= 1e-4 * abs(lr.item())
+    lr.backward()
+    lf.backward()
+    compare_grads(ref, fus, z_ref, z_fus, 5e-4)
+
+
+def test_per_row_forward_matches_reference_including_t0_rows():
+    ref, fus = pair(L=4)
+    n = 45
+    x0 = torch.randn(n, 16) * 0.4
+    x0[0, :2] = torch.tensor([-1.0, 1.0])
+    z_ref = torch.randn(n, 24, requires_grad=True)
+    z_fus = z_ref.detach().clone().requires_grad_(True)
+    k = torch.randint(0, 4, (n,))
+    t = torch.randint(0, 1000, (n,))
+    t[:5] = 0
+    noise = torch.randn(n, 16)
+    rr = ref(x0, z_ref, k, t=t, noise=noise, reduction="none")
+    rf = fus(x0, z_fus, k, t=t, noise=noise, reduction="none")
+    err = ((rf - rr).abs().max() / rr.abs().max()).item()
+    assert err <= 1e-4, err
+    rr.mean().backward()
+    rf.mean().backward()
+    compare_grads(ref, fus, z_ref, z_fus, 5e-4)
+
+
+def test_fp16_autocast_stays_close_to_fp32():
+    ref, fus = pair(width=64, L=2)
+    target, z = torch.randn(6, 32), torch.randn(6, 24)
+    z_ref, z_fus = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+    lr = ref.distill_loss(target, z_ref, 3, 0.2, generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.float16):
+        lf = fus.distill_loss(target, z_fus, 3, 0.2, generator=torch.Generator().manual_seed(1))
+    assert lf.dtype == torch.float32
+    assert abs(lf.item() - lr.item()) <= 2e-2 * abs(lr.item())
+    lr.backward()
+    lf.backward()
+    compare_grads(ref, fus, z_ref, z_fus, 5e-2)
+
+
+def test_state_dict_moves_both_ways_and_sampling_is_shared():
+    ref, fus = pair()
+    assert set(ref.state_dict()) == set(fus.state_dict())
+    buf = io.BytesIO()
+    torch.save(fus.state_dict(), buf)
+    back = DiffLoss(16, 24, 2, 64, "4", 3)
+    back.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
+    z, k = torch.randn(4, 24), torch.tensor([0, 1, 2, 0])
+    g1, g2 = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    torch.testing.assert_close(fus.sample(z, k, generator=g1), back.sample(z, k, generator=g2))
+
+
+def test_falls_back_to_the_reference_with_a_notice(monkeypatch, capsys):
+    ref, fus = pair()
+    monkeypatch.setattr(fused_head, "fused_unavailable_reason", lambda device: "no GPU here")
+    fused_head._noticed.discard("no GPU here")
+    target, z = torch.randn(3, 48), torch.randn(3, 24)
+    a = fus.distill_loss(target, z, 2, 0.2, generator=torch.Generator().manual_seed(4))
+    b = ref.distill_loss(target, z, 2, 0.2, generator=torch.Generator().manual_seed(4))
+    assert a.item() == b.item()
+    fus.distill_loss(target, z, 2, 0.2)
+    err = capsys.readouterr().err
+    assert err.count("FusedDiffLoss falls back to the reference head (no GPU here)") == 1
+
+
+def test_trainer_trains_with_the_fused_head(tmp_path):
+    from gendd_fast.train import train
+    from helpers import read_metrics, save_teacher, tiny_config
+    teacher, _ = save_teacher(tmp_path)
+    cfg = tiny_config(tmp_path, "gendd", teacher, head="fused", epochs=1, mul=2,
+                      sample_eval="never")
+    train(cfg)
+    recs = read_metrics(cfg.output)
+    assert len(recs) == 4 and all(r["diff"] == r["diff"] for r in recs)  # finite, not NaN
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert "diffloss.net.final_layer.linear.weight" in state["extra"]
