@@ -134,8 +134,10 @@ def test_stacked_modulation_cache_follows_weight_updates():
     zz, kk = torch.cat([z, torch.zeros_like(z)]), torch.cat([k, k])
     ref = h.sample(zz, kk, cfg=2.0, noise=torch.cat([xT, xT]), step_noises=torch.cat([sn, sn], 1),
                    backend="torch")[:4]
-    torch.testing.assert_close(second, ref, rtol=2e-4, atol=2e-4)
-    assert not torch.allclose(first, second)
+    # fp32 rounding, amplified by 1/sqrt(abar) at the noisy steps: judged relative to the scale
+    scale = ref.abs().max()
+    assert (second - ref).abs().max() / scale < 1e-3
+    assert (first - ref).abs().max() / scale > 1e-2  # a stale cache would have been caught
 
 
 def test_stacked_modulation_shape_is_checked():

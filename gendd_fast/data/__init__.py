@@ -88,11 +88,21 @@ def build_datasets(cfg):
 
 
 def _choose_backend(cfg, device: torch.device) -> str:
-    if cfg.data_backend != "auto":
-        return cfg.data_backend
+    from . import dali
+    if cfg.data_backend == "dali":
+        if not dali.available():
+            raise ImportError("--data-backend dali: NVIDIA DALI is not importable "
+                              "(pip install nvidia-dali-cuda130)")
+        if cfg.skip_bad_images:
+            notice("--skip-bad-images: DALI cannot skip an undecodable file mid-batch; using the "
+                   "DataLoader path")
+            return "torch"
+        return "dali"
+    if cfg.data_backend == "torch" or cfg.skip_bad_images:
+        return "torch"
+    # auto: DALI for decoded-on-the-fly data on a GPU; in-memory arrays gain little from it
     if device.type != "cuda" or cfg.dataset in ("digits", "synthetic"):
         return "torch"
-    from . import dali
     return "dali" if dali.available() else "torch"
 
 

@@ -67,14 +67,19 @@ def train_transform_pil(img: Image.Image, size: int, scale, rng: random.Random) 
     return to_chw_uint8(img)
 
 
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
 def center_crop_box(width: int, height: int, resize: int, size: int):
     """Resize the shorter side to ``resize``, then take the centred ``size`` square: the
-    resized image's dimensions and the crop's offsets, in resized pixels."""
+    resized image's dimensions and the crop's offsets, in resized pixels. Lengths and offsets
+    round half up, as DALI's resize and crop do, so both data paths cut the same pixels."""
     if width <= height:
-        new_w, new_h = resize, int(resize * height / width)
+        new_w, new_h = resize, _round_half_up(resize * height / width)
     else:
-        new_w, new_h = int(resize * width / height), resize
-    return new_w, new_h, int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+        new_w, new_h = _round_half_up(resize * width / height), resize
+    return new_w, new_h, _round_half_up((new_w - size) / 2.0), _round_half_up((new_h - size) / 2.0)
 
 
 def val_transform_pil(img: Image.Image, resize: int, size: int) -> torch.Tensor:

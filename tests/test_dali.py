@@ -1,0 +1,178 @@
+"""DALI pipelines on the CPU (device_id=None) against the DataLoader path on generated data."""
+import io
+import os
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gendd_fast.config import make_config
+from gendd_fast.data import BadImageError, build_loaders, dali
+
+DEV = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _dali_must_import():
+    # DALI is a declared dependency: failing to import it is a failure, not a skip.
+    assert dali.available(), "nvidia.dali is not importable"
+
+
+def smooth_image(h, w, phase):
+    yy, xx = np.mgrid[0:h, 0:w]
+    return np.stack([128 + 100 * np.sin(xx / 7 + phase), 128 + 100 * np.cos(yy / 9 + phase),
+                     128 + 60 * np.sin((xx + yy) / 11)], -1).astype(np.uint8)
+
+
+def image_folder(root, sizes, classes=("a", "b", "c"), fmt="png"):
+    for split in ("train", "val"):
+        for ci, c in enumerate(classes):
+            os.makedirs(os.path.join(root, split, c), exist_ok=True)
+            for i, (h, w) in enumerate(sizes):
+                Image.fromarray(smooth_image(h, w, i + ci)).save(
+                    os.path.join(root, split, c, f"{i}.{fmt}"), quality=95)
+    return str(root)
+
+
+def loaders(backend, **kw):
+    base = dict(method="ce", image_size=32, val_resize=36, batch_size=4, eval_batch_size=4,
+                workers=0, data_backend=backend)
+    base.update(kw)
+    return build_loaders(make_config(**base).resolved(), kw.pop("rank", 0), 1, DEV)
+
+
+def collect(loader, epoch=0):
+    loader.set_epoch(epoch)
+    batches = list(loader)
+    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]), batches
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpg"])
+def test_image_folder_same_batches_both_paths(tmp_path, fmt):
+    root = image_folder(tmp_path, [(40, 52), (61, 45), (36, 36), (50, 41), (70, 70)], fmt=fmt)
+    out = {}
+    for backend in ("dali", "torch"):
+        L = loaders(backend, dataset="imagefolder", data_path=root)
+        assert L.backend == backend and L.num_classes == 3
+        x, y, batches = collect(L.train)
+        assert len(batches) == len(L.train) == 15 // 4
+        assert all(b[0].shape == (4, 3, 32, 32) and b[0].dtype == torch.float32 for b in batches)
+        assert y.dtype == torch.int64
+        vx, vy, _ = collect(L.val)
+        assert vx.shape == (15, 3, 32, 32) and len(L.val) == 4
+        out[backend] = (x, vx, vy)
+    # the DALI batch is channels-last already (NHWC memory viewed as NCHW)
+    dx = out["dali"][0]
+    assert dx.is_contiguous(memory_format=torch.channels_last)
+    # same normalisation: training crops differ, but their statistics agree
+    assert abs(dx.mean() - out["torch"][0].mean()) < 0.15
+    # validation: same files, same labels, same pixels up to the resampling filter
+    assert torch.equal(out["dali"][2], out["torch"][2])
+    diff = (out["dali"][1] - out["torch"][1]).abs()
+    tol = 0.02 if fmt == "png" else 0.05  # jpeg: two decoders' rounding too
+    assert diff.mean() < tol and diff.max() < 0.5, (diff.mean(), diff.max())
+
+
+def test_validation_without_resize_is_identical(tmp_path):
+    # shorter side already 36: only decode + centre crop (odd margins round the same way)
+    root = image_folder(tmp_path, [(36, 51), (45, 36), (36, 36)], fmt="png")
+    a = collect(loaders("dali", dataset="imagefolder", data_path=root).val)[0]
+    b = collect(loaders("torch", dataset="imagefolder", data_path=root).val)[0]
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_file_list_sharded_over_two_ranks_covers_validation_once(tmp_path):
+    root = image_folder(tmp_path, [(40, 40)] * 6, classes=("a", "b"))
+    files = sorted(os.path.relpath(os.path.join(d, f), root)
+                   for d, _, fs in os.walk(os.path.join(root, "val")) for f in fs)
+    lst = tmp_path / "val.txt"
+    lst.write_text("".join(f"{p} {i}\n" for i, p in enumerate(files)))  # label = file id
+    seen = []
+    for rank in range(2):
+        cfg = make_config(method="ce", dataset="filelist", data_path=root, train_list=str(lst),
+                          val_list=str(lst), image_size=32, val_resize=36, batch_size=4,
+                          eval_batch_size=5, workers=0, data_backend="dali",
+                          num_classes=len(files)).resolved()
+        L = build_loaders(cfg, rank, 2, DEV)
+        _, y, _ = collect(L.val)
+        assert len(L.val) == -(-len(y) // 5)
+        seen += y.tolist()
+    assert sorted(seen) == list(range(len(files)))  # every image once, none padded in
+
+
+def test_cifar_arrays_through_external_source(tmp_path):
+    import pickle
+    d = tmp_path / "cifar-100-python"
+    d.mkdir()
+    g = np.random.RandomState(0)
+    for name, n in (("train", 24), ("test", 10)):
+        with open(d / name, "wb") as fh:
+            pickle.dump({b"data": g.randint(0, 256, (n, 3072)).astype(np.uint8),
+                         b"fine_labels": g.randint(0, 100, n).tolist()}, fh)
+    a = loaders("dali", dataset="cifar100", data_path=str(tmp_path), batch_size=8)
+    b = loaders("torch", dataset="cifar100", data_path=str(tmp_path), batch_size=8)
+    va, ya, _ = collect(a.val)
+    vb, yb, _ = collect(b.val)
+    torch.testing.assert_close(va, vb, rtol=0, atol=1e-5)   # no augmentation: identical
+    assert torch.equal(ya, yb)
+    xa, ta, batches = collect(a.train, epoch=1)
+    xb, tb, _ = collect(b.train, epoch=1)
+    assert len(batches) == len(a.train) == 3 and xa.shape == xb.shape == (24, 3, 32, 32)
+    assert torch.equal(ta, tb)  # the same sharded order as the DataLoader path
+    # pad-and-crop: some shifted crops bring in the zero padding (normalised to -mean/std)
+    from gendd_fast.data.transforms import normalization_for
+    m, s = normalization_for("cifar100")
+    pad_val = torch.tensor(-m[0] / s[0])
+    assert (xa[:, 0] - pad_val).abs().lt(1e-4).any()
+    # resuming mid-epoch skips exactly the batches already seen
+    a.train.set_epoch(1, skip_batches=1)
+    rest = torch.cat([b_[1] for b_ in a.train])
+    assert torch.equal(rest, ta[8:])
+
+
+def test_webdataset_shards(tmp_path):
+    for s in range(2):
+        with tarfile.open(tmp_path / f"shard-{s:03d}.tar", "w") as tf:
+            for i in range(5):
+                buf = io.BytesIO()
+                Image.fromarray(smooth_image(40, 48, i + s)).save(buf, format="JPEG")
+                for ext, data in (("jpg", buf.getvalue()), ("txt", b"caption")):
+                    info = tarfile.TarInfo(f"s{s}_{i:04d}.{ext}")
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+    L = loaders("dali", dataset="webdataset", data_path=str(tmp_path), num_classes=10)
+    x, y, batches = collect(L.train)
+    assert len(batches) == len(L.train) == 10 // 4 and x.shape[1:] == (3, 32, 32)
+    assert (y == -1).all()
+    assert L.val is None
+
+
+def test_corrupt_jpeg_is_named(tmp_path, capsys):
+    root = image_folder(tmp_path, [(40, 40)] * 3, classes=("a",), fmt="jpg")
+    bad = os.path.join(root, "train", "a", "zz_broken.jpg")
+    with open(bad, "wb") as fh:
+        fh.write(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    L = loaders("dali", dataset="imagefolder", data_path=root, batch_size=2)
+    with pytest.raises(BadImageError, match="zz_broken.jpg"):
+        collect(L.train)
+    # --skip-bad-images: the DataLoader path skips and counts
+    L = loaders("dali", dataset="imagefolder", data_path=root, batch_size=2,
+                skip_bad_images=True)
+    assert L.backend == "torch"
+    assert "DALI cannot skip" in capsys.readouterr().err
+    L.train.set_epoch(0)
+    n = sum(b[0].shape[0] for b in L.train)
+    assert L.train.bad_images == 1 and n == 3  # 4 files: the broken one dropped, counted
+
+
+def test_trainer_with_dali_backend(tmp_path):
+    from gendd_fast.train import train
+    root = image_folder(tmp_path / "data", [(40, 52), (61, 45), (36, 36), (50, 41)])
+    cfg = make_config(method="ce", dataset="imagefolder", data_path=root, image_size=32,
+                      val_resize=36, batch_size=4, epochs=1, workers=0, data_backend="dali",
+                      student="resnet8", output=str(tmp_path / "run"), plot=False,
+                      progress=False, device="cpu")
+    res = train(cfg)
+    assert res["n"] == 12 and 0 <= res["top1"] <= 100
