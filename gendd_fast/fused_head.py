@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .head import DiffLoss, draw_row_randomness, split_tokens
+from .head import DiffLoss, draw_row_randomness
 from .diffusion import NUM_TRAIN_TIMESTEPS
 
 _noticed = set()
@@ -74,16 +74,8 @@ class FusedDiffLoss(DiffLoss):
         if reason:
             _notice_once(reason)
             return super().distill_loss(target, z, mul, cond_drop_prob, generator)
-        L = split_tokens(target, self.in_channels)
-        if L != self.num_chunks:
-            raise ValueError(f"teacher feature width {target.shape[1]} gives {L} tokens of "
-                             f"{self.in_channels}, but the head was built for {self.num_chunks}")
-        if z.ndim != 2 or z.shape[0] != target.shape[0] or z.shape[1] != self.z_channels:
-            raise ValueError(f"z must be (B, {self.z_channels}) with B = {target.shape[0]}; got "
-                             f"{tuple(z.shape)}")
-        B, d = target.shape[0], self.in_channels
-        x0 = target.reshape(B * L, d).repeat(mul, 1)
-        n = x0.shape[0]
+        x0 = self.tile_tokens(target, z, mul)
+        B, L, d, n = target.shape[0], self.num_chunks, self.in_channels, x0.shape[0]
         # Same draws, same order as the reference (DiffLoss.distill_loss).
         keep, t, noise = draw_row_randomness(n, d, cond_drop_prob, target.device, generator)
         r = torch.arange(n, device=target.device) % (B * L)  # row within the tiled block

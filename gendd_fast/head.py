@@ -239,24 +239,31 @@ class DiffLoss(nn.Module):
             generator=generator)
         return losses["loss"].mean() if reduction == "mean" else losses["loss"]
 
+    def tile_tokens(self, target, z, mul: int):
+        """Split tokenization of (B, D_t) targets for per-image conditions z (B, D_s): the
+        (B * L * mul, d) rows, row ``b * L + k`` of each of the ``mul`` tiled blocks being token k
+        of image b. Checks that the shapes fit this head."""
+        L = split_tokens(target, self.in_channels)
+        if L != self.num_chunks:
+            raise ValueError(f"teacher feature width {target.shape[1]} gives {L} tokens of "
+                             f"{self.in_channels}, but the head was built for {self.num_chunks}")
+        if z.ndim != 2 or z.shape[0] != target.shape[0] or z.shape[1] != self.z_channels:
+            raise ValueError(f"z must be (B, {self.z_channels}) with B = {target.shape[0]}; got "
+                             f"{tuple(z.shape)}")
+        B = target.shape[0]
+        return target.reshape(B * L, self.in_channels).repeat(mul, 1)
+
     def distill_loss(self, target, z, mul: int, cond_drop_prob: float,
                      generator: Optional[torch.Generator] = None):
         """The GenDD step's diffusion loss from per-image tensors.
 
         ``target`` (B, D_t) teacher features (after contraction and mixing), ``z`` (B, D_s)
-        student conditions. Split tokenization gives B * L rows (row b * L + k is token k of
-        image b), the block is tiled ``mul`` times, and each row's condition is dropped with
-        probability ``cond_drop_prob``. Returns the mean loss over the B * L * mul rows.
+        student conditions. Split tokenization gives B * L rows (see :meth:`tile_tokens`),
+        tiled ``mul`` times, and each row's condition is dropped with probability
+        ``cond_drop_prob``. Returns the mean loss over the B * L * mul rows.
         """
-        L = split_tokens(target, self.in_channels)
-        if L != self.num_chunks:
-            raise ValueError(f"teacher feature width {target.shape[1]} gives {L} tokens of "
-                             f"{self.in_channels}, but the head was built for {self.num_chunks}")
-        if z.ndim != 2 or z.shape[0] != target.shape[0]:
-            raise ValueError(f"z must be (B, D_s) with B = {target.shape[0]}; got "
-                             f"{tuple(z.shape)}")
-        B = target.shape[0]
-        x0 = target.reshape(B * L, self.in_channels).repeat(mul, 1)
+        x0 = self.tile_tokens(target, z, mul)
+        B, L = target.shape[0], self.num_chunks
         z_rows = z.repeat_interleave(L, dim=0).repeat(mul, 1)
         k = torch.arange(L, device=z.device).repeat(B * mul)
         keep, t, noise = draw_row_randomness(x0.shape[0], self.in_channels, cond_drop_prob,

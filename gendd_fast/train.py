@@ -151,6 +151,17 @@ def checkpoint_state(distiller, optimizer, scaler, schedule, cfg, epoch, step_in
 # ---------------------------------------------------------------------------------------------
 def train(cfg: Config) -> Dict:
     """Train as ``cfg`` says; returns the final metrics (rank 0's view)."""
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        return _train(cfg)
+    finally:  # a caller's own SIGTERM handling comes back once training is over
+        try:
+            signal.signal(signal.SIGTERM, previous)
+        except (ValueError, TypeError):
+            pass
+
+
+def _train(cfg: Config) -> Dict:
     env = init_distributed(cfg.device)
     cfg = cfg.resolved()
     device, main_rank = env.device, env.is_main

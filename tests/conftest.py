@@ -15,13 +15,3 @@ import torch  # noqa: E402
 def _seed():
     torch.manual_seed(0)
     yield
-
-
-def perturb_zero_init(module, std=0.05, seed=1234):
-    """Re-draw every parameter that is all zeros (adaLN, final layer): zeros would hide errors."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.numel() and bool((p == 0).all()):
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return module

@@ -41,3 +41,13 @@ def tiny_config(tmp_path, method="gendd", teacher_ckpt=None, **over):
 def read_metrics(folder, kind="train"):
     with open(os.path.join(folder, "metrics.jsonl")) as fh:
         return [r for r in map(json.loads, fh) if r["type"] == kind]
+
+
+def perturb_zero_init(module, std=0.05, seed=1234):
+    """Re-draw every parameter that is all zeros (adaLN, final layer): zeros would hide errors."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.numel() and bool((p == 0).all()):
+                p.copy_(torch.randn(p.shape, generator=g).to(p.device) * std)
+    return module

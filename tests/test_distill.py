@@ -9,7 +9,7 @@ from gendd_fast import DiffLoss
 from gendd_fast.distill import GenDD, dkd_loss, kd_loss
 from gendd_fast.head import draw_row_randomness
 from gendd_fast.models import create_model
-from conftest import perturb_zero_init
+from helpers import perturb_zero_init
 
 
 def test_kd_loss_by_hand():

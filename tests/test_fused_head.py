@@ -11,7 +11,7 @@ import torch
 
 from gendd_fast import DiffLoss, FusedDiffLoss
 from gendd_fast import fused_head
-from conftest import perturb_zero_init
+from helpers import perturb_zero_init
 
 
 def pair(d=16, zc=24, depth=2, width=64, L=3, seed=0):

@@ -6,7 +6,7 @@ import torch
 
 from gendd_fast import DiffLoss, guided_sample
 from gendd_fast.head import timestep_embedding
-from conftest import perturb_zero_init
+from helpers import perturb_zero_init
 
 
 def expected_keys(depth):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from gendd_fast import DiffLoss, guided_sample, sampler_ext
-from conftest import perturb_zero_init
+from helpers import perturb_zero_init
 
 
 

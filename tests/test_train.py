@@ -164,3 +164,33 @@ def test_plot_and_metrics_written(tmp_path):
     train(cfg)
     assert os.path.getsize(os.path.join(cfg.output, "curves.png")) > 1000
     assert read_metrics(cfg.output, "val")[-1]["top1"] >= 0
+
+
+def test_sigterm_saves_and_exits_then_resume_finishes(tmp_path):
+    """Pre-emption: SIGTERM mid-run saves 'last' at the next step and exits cleanly."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "gendd_fast.train", "--method", "ce", "--dataset", "synthetic",
+           "--synthetic-size", "64", "--num-classes", "4", "--image-size", "16",
+           "--batch-size", "16", "--epochs", "200", "--student", "resnet8", "--workers", "0",
+           "--device", "cpu", "--log-interval", "1", "--no-plot", "--no-progress",
+           "--output", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists()
+                                      or len(metrics.read_text().splitlines()) < 6):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    state = torch.load(out / "last.pt", weights_only=False)
+    assert 0 < state["global_step"] < 800
+    r = subprocess.run(cmd + ["--resume", "auto", "--max-steps", str(state["global_step"] + 3)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "resumed from" in r.stderr, r.stderr[-2000:]
+    after = torch.load(out / "last.pt", weights_only=False)
+    assert after["global_step"] == state["global_step"] + 3

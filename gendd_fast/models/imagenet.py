@@ -3,24 +3,7 @@ import torch
 import torch.nn as nn
 
 from .base import Backbone, init_conv_bn
-
-
-class IBasicBlock(nn.Module):
-    expansion = 1
-
-    def __init__(self, inplanes, planes, stride=1, downsample=None):
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = downsample
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+from .cifar import BasicBlock  # the same block, with torchvision's module names
 
 
 class Bottleneck(nn.Module):
@@ -108,8 +91,8 @@ class MobileNetV1(Backbone):
 
 
 IMAGENET_MODELS = {
-    "resnet18": lambda nc: ResNet(IBasicBlock, [2, 2, 2, 2], nc),
-    "resnet34": lambda nc: ResNet(IBasicBlock, [3, 4, 6, 3], nc),
+    "resnet18": lambda nc: ResNet(BasicBlock, [2, 2, 2, 2], nc),
+    "resnet34": lambda nc: ResNet(BasicBlock, [3, 4, 6, 3], nc),
     "resnet50": lambda nc: ResNet(Bottleneck, [3, 4, 6, 3], nc),
     "mobilenet_v1": lambda nc: MobileNetV1(nc),
 }
