@@ -18,7 +18,6 @@ import tempfile
 import time
 
 import numpy as np
-import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -104,7 +104,7 @@ def main(argv=None):
             rows.append({"shape": name, "variant": label, "head": head_name,
                          "ms_per_step": t["ms"], "images_per_s": img_s,
                          "speedup": img_s / base, "peak_mib": peak_memory_mib(device)})
-            del teacher, model, opt
+            teacher = model = opt = fwd = None  # free before the next variant is built
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     cfg = dict(batch=args.batch, width=args.width, steps=args.steps, mul_override=args.mul, shapes={
