@@ -58,10 +58,3 @@ def next_pow2(n: int) -> int:
 def row_block(n_rows: int) -> int:
     """Rows handled per program by the row-wise kernels."""
     return 4 if interpreting() else 16
-
-
-def check_same_rows(*tensors):
-    n = tensors[0].shape[0]
-    for t in tensors[1:]:
-        if t is not None and t.shape[0] != n:
-            raise ValueError(f"row counts differ: {n} vs {t.shape[0]}")

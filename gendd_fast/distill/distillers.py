@@ -13,7 +13,7 @@ load.
 from __future__ import annotations
 
 import copy
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -244,7 +244,3 @@ def build_distiller(cfg, student: nn.Module, teacher: Optional[nn.Module], head_
                      cfg.diffloss_d, cfg.sampling_steps, cfg.mul, cfg.cond_drop, cfg.beta,
                      cfg.smooth if cfg.labels else 0.0, cfg.labels, cfg.grad_checkpointing)
     raise ValueError(f"unknown method {m!r}")
-
-
-def loss_parts_to_float(parts: Dict[str, torch.Tensor]) -> Dict[str, float]:
-    return {k: float(v) for k, v in parts.items()}
