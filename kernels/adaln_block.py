@@ -54,7 +54,7 @@ class AdaLNBlockFunction(torch.autograd.Function):
         fused_matmul(dv, Operand(a, SILU), dw2, a_t=True, dot_dtype=dt)
         da = empty((n, W), h.device, h.dtype)
         fused_matmul(dv, Operand(w2), da, epilogue=SILU_GRAD, e1=a, dot_dtype=dt)
-        db0 = da.float().sum(0)
+        db0 = da.sum(0, dtype=torch.float32)
         u = Operand(h, LNMOD, aux=scale, shift=shift, mean=mean, rstd=rstd, ln_w=ln_w, ln_b=ln_b)
         dw0 = empty((W, W), h.device, torch.float32)
         fused_matmul(Operand(da), u, dw0, a_t=True, dot_dtype=dt)

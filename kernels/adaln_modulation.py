@@ -40,7 +40,7 @@ class AdaLNModulationFunction(torch.autograd.Function):
             d = dmods[:, col:col + w.shape[0]]
             dw = empty(w.shape, w.device, torch.float32)
             fused_matmul(Operand(d), Operand(y, SILU), dw, a_t=True, dot_dtype=ctx.dot_dtype)
-            grads += [dw.to(w.dtype), d.float().sum(0).to(bdt)]
+            grads += [dw.to(w.dtype), d.sum(0, dtype=torch.float32).to(bdt)]
             col += w.shape[0]
         dy = None
         if ctx.needs_input_grad[0]:

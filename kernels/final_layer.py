@@ -38,7 +38,8 @@ class FinalLayerFunction(torch.autograd.Function):
         dshift, dscale = (empty((n, W), h.device, shift.dtype)
                           for _ in range(2))
         dh, _, _ = ln_mod_backward(du, h, mean, rstd, scale, dshift, dscale)
-        return dh, dshift, dscale, dw.to(w.dtype), g.float().sum(0).to(ctx.bias_dtype), None
+        db = g.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        return dh, dshift, dscale, dw.to(w.dtype), db, None
 
 
 def final_layer(h, shift, scale, w, b, dot_dtype=None):

@@ -29,7 +29,7 @@ class FusedLinearFunction(torch.autograd.Function):
             dx = empty(x.shape, x.device, torch.float32)
             fused_matmul(Operand(g), Operand(w), dx, dot_dtype=ctx.dot_dtype)
             dx = dx.to(x.dtype)
-        return dx, dw.to(w.dtype), g.float().sum(0).to(ctx.bias_dtype), None, None
+        return dx, dw.to(w.dtype), g.sum(0, dtype=torch.float32).to(ctx.bias_dtype), None, None
 
 
 def fused_linear(x, w, b, out_dtype=None, dot_dtype=None):
