@@ -18,28 +18,17 @@ a one-line notice.
 """
 from __future__ import annotations
 
-import sys
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from .head import DiffLoss, draw_row_randomness
-from .diffusion import NUM_TRAIN_TIMESTEPS
-
-_noticed = set()
-
+from .notice import notice
 
 def fused_unavailable_reason(device) -> Optional[str]:
     from .kernels import unavailable_reason
     return unavailable_reason(torch.device(device))
-
-
-def _notice_once(reason: str):
-    if reason not in _noticed:
-        _noticed.add(reason)
-        print(f"gendd_fast: FusedDiffLoss falls back to the reference head ({reason})",
-              file=sys.stderr)
 
 
 class FusedDiffLoss(DiffLoss):
@@ -50,17 +39,12 @@ class FusedDiffLoss(DiffLoss):
                 generator: Optional[torch.Generator] = None, reduction: str = "mean"):
         reason = fused_unavailable_reason(target.device)
         if reason:
-            _notice_once(reason)
+            notice(f"FusedDiffLoss falls back to the reference head ({reason})", once=True)
             return super().forward(target, z, chunk_idx, t=t, noise=noise, generator=generator,
                                    reduction=reduction)
         self.check_inputs(z, chunk_idx, target)
         n = target.shape[0]
-        if t is None:
-            t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (n,), device=target.device,
-                              generator=generator)
-        elif t.shape != (n,) or int(t.min()) < 0 or int(t.max()) >= NUM_TRAIN_TIMESTEPS:
-            raise ValueError(f"t must be ({n},) timesteps in [0, {NUM_TRAIN_TIMESTEPS}); got "
-                             f"shape {tuple(t.shape)}")
+        t = self.training_timesteps(n, target.device, t, generator)
         if noise is None:
             noise = torch.randn(target.shape, generator=generator, device=target.device)
         # Generic rows: each row is its own "image" for the condition table.
@@ -72,7 +56,7 @@ class FusedDiffLoss(DiffLoss):
                      generator: Optional[torch.Generator] = None):
         reason = fused_unavailable_reason(target.device)
         if reason:
-            _notice_once(reason)
+            notice(f"FusedDiffLoss falls back to the reference head ({reason})", once=True)
             return super().distill_loss(target, z, mul, cond_drop_prob, generator)
         x0 = self.tile_tokens(target, z, mul)
         B, L, d, n = target.shape[0], self.num_chunks, self.in_channels, x0.shape[0]

@@ -228,12 +228,7 @@ class DiffLoss(nn.Module):
                 noise: Optional[torch.Tensor] = None,
                 generator: Optional[torch.Generator] = None, reduction: str = "mean"):
         self.check_inputs(z, chunk_idx, target)
-        if t is None:
-            t = torch.randint(0, self.train_diffusion.num_timesteps, (target.shape[0],),
-                              device=target.device, generator=generator)
-        elif t.shape != (target.shape[0],) or int(t.min()) < 0 or int(t.max()) >= NUM_TRAIN_TIMESTEPS:
-            raise ValueError(f"t must be ({target.shape[0]},) timesteps in [0, "
-                             f"{NUM_TRAIN_TIMESTEPS}); got shape {tuple(t.shape)}")
+        t = self.training_timesteps(target.shape[0], target.device, t, generator)
         losses = self.train_diffusion.training_losses(
             self.net, target, t, model_kwargs=dict(c=z, chunk_idx=chunk_idx), noise=noise,
             generator=generator)
@@ -252,6 +247,18 @@ class DiffLoss(nn.Module):
                              f"{tuple(z.shape)}")
         B = target.shape[0]
         return target.reshape(B * L, self.in_channels).repeat(mul, 1)
+
+    @staticmethod
+    def training_timesteps(n: int, device, t: Optional[torch.Tensor] = None,
+                           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """``t`` checked, or drawn uniformly from the training steps when not given."""
+        if t is None:
+            return torch.randint(0, NUM_TRAIN_TIMESTEPS, (n,), device=device,
+                                 generator=generator)
+        if t.shape != (n,) or int(t.min()) < 0 or int(t.max()) >= NUM_TRAIN_TIMESTEPS:
+            raise ValueError(f"t must be ({n},) timesteps in [0, {NUM_TRAIN_TIMESTEPS}); got "
+                             f"shape {tuple(t.shape)}")
+        return t
 
     def distill_loss(self, target, z, mul: int, cond_drop_prob: float,
                      generator: Optional[torch.Generator] = None):

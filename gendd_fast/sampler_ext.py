@@ -8,19 +8,15 @@ compiles anything.
 from __future__ import annotations
 
 import os
-import sys
 import threading
 from typing import List, Optional
 
 import torch
 
+from .notice import notice
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 _lock = threading.Lock()
 _state = {"module": None, "tried": False, "why": None}
-
-
-def _notice(msg: str):
-    print(f"gendd_fast: {msg}", file=sys.stderr)
 
 
 def _jit_build():
@@ -51,7 +47,7 @@ def load_extension():
                 _state["module"] = _jit_build()
             except Exception as e:  # noqa: BLE001 - no compiler, no ninja, no headers...
                 _state["why"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                _notice(f"sampler extension unavailable ({_state['why']}); using the PyTorch "
+                notice(f"sampler extension unavailable ({_state['why']}); using the PyTorch "
                         f"sampler")
         return _state["module"]
 

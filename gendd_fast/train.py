@@ -31,10 +31,7 @@ from .evaluate import (autocast_for, configure_sampler, evaluate, resolve_amp,
                        sampling_kwargs)
 from .logs import MetricsLog, Progress, fmt_time, plot_curves
 from .models import create_model, list_models, load_checkpoint_weights
-
-
-def notice(msg: str):
-    print(f"gendd_fast: {msg}", file=sys.stderr, flush=True)
+from .notice import notice
 
 
 class NonFiniteLoss(FloatingPointError):

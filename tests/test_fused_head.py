@@ -11,6 +11,7 @@ import torch
 
 from gendd_fast import DiffLoss, FusedDiffLoss
 from gendd_fast import fused_head
+from gendd_fast import notice as notice_mod
 from helpers import perturb_zero_init
 
 
@@ -101,7 +102,7 @@ def test_state_dict_moves_both_ways_and_sampling_is_shared():
 def test_falls_back_to_the_reference_with_a_notice(monkeypatch, capsys):
     ref, fus = pair()
     monkeypatch.setattr(fused_head, "fused_unavailable_reason", lambda device: "no GPU here")
-    fused_head._noticed.discard("no GPU here")
+    notice_mod._said.discard("FusedDiffLoss falls back to the reference head (no GPU here)")
     target, z = torch.randn(3, 48), torch.randn(3, 24)
     a = fus.distill_loss(target, z, 2, 0.2, generator=torch.Generator().manual_seed(4))
     b = ref.distill_loss(target, z, 2, 0.2, generator=torch.Generator().manual_seed(4))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -11,6 +10,7 @@ import torch
 from .datasets import (ArrayDataset, BadImageError, DatasetError, ImageFileDataset,
                        WebDatasetShards, load_cifar_arrays, load_digits_arrays, read_file_list,
                        scan_image_folder, synthetic_arrays)
+from ..notice import notice
 from .loader import DeviceNormalizer, EpochSampler, TorchLoader
 
 __all__ = ["build_loaders", "build_datasets", "Loaders", "BadImageError", "DatasetError",
@@ -127,7 +127,3 @@ def build_loaders(cfg, rank: int, world: int, device: torch.device) -> Loaders:
         raise DatasetError(f"the training set ({len(train_ds)} images over {world} process(es)) "
                            f"is smaller than one batch of {cfg.batch_size}")
     return Loaders(train, val, nc, "torch")
-
-
-def notice(msg: str):
-    print(f"gendd_fast: {msg}", file=sys.stderr)

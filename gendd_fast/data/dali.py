@@ -22,12 +22,12 @@ order (the DataLoader path resumes bit-exactly).
 from __future__ import annotations
 
 import math
-import sys
 from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
 
+from ..notice import notice
 from .datasets import ArrayDataset, BadImageError, ImageFileDataset, WebDatasetShards
 from .loader import EpochSampler
 from .transforms import normalization_for
@@ -40,10 +40,6 @@ def available() -> bool:
         return True
     except Exception:  # noqa: BLE001 - ImportError, or a CUDA-linked import failing
         return False
-
-
-def _notice(msg: str):
-    print(f"gendd_fast: {msg}", file=sys.stderr)
 
 
 def _norm(dataset: str):
@@ -236,7 +232,7 @@ class DaliLoader:
                                       or epoch != self._next_epoch):
             self._it = None  # the array feed restarts exactly at (epoch, skip)
         elif skip_batches:
-            _notice(f"DALI: resuming mid-epoch, skipping {skip_batches} batches of a new "
+            notice(f"DALI: resuming mid-epoch, skipping {skip_batches} batches of a new "
                     f"shuffle (the DataLoader path resumes the exact order)")
 
     def __len__(self):

@@ -119,6 +119,3 @@ class TorchLoader:
             if x is None:
                 continue
             yield self.normalize(x), y.to(self.normalize.device, non_blocking=True)
-
-    def close(self):
-        self._loader = None
