@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 METHODS = ("ce", "kd", "dkd", "gendd-pretrain", "gendd")
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "filelist", "webdataset", "synthetic")
@@ -154,51 +154,166 @@ def _optional(conv):
     return parse
 
 
-_HELP = {
-    "method": "training method: " + ", ".join(METHODS),
-    "student": "student architecture (see --list-models)",
-    "teacher": "teacher architecture",
-    "dataset": "dataset kind: " + ", ".join(DATASETS),
-    "amp": "mixed precision: auto (bf16 on CUDA, off on CPU), bf16, fp16, off",
-    "resume": "checkpoint to resume from, or 'auto' for OUTPUT/last.pt when it exists",
-    "head": "diffusion head: fused (Triton), torch (reference), auto (fused on CUDA)",
-    "data_backend": "data pipeline: dali (GPU decode), torch (DataLoader), auto",
-    "mul": "diffusion_batch_mul: copies of each token per step (default 30 CIFAR, 10 ImageNet)",
-    "max_steps": "stop after this many optimizer steps in all (for pre-emption tests)",
-}
+# Every flag, grouped as timm groups its flags; the text is what --help prints. A test checks
+# that each Config field appears here exactly once, so a new field cannot ship without help.
+FLAG_GROUPS = [
+    ("data", {
+        "dataset": "dataset kind: " + ", ".join(DATASETS),
+        "data_path": "dataset root (CIFAR pickle folder, ImageFolder root with train/ and val/, "
+                     "or the base of the file lists)",
+        "train_list": "'path label' file list of the training images, relative to --data-path "
+                      "(ImageNet-LT)",
+        "val_list": "'path label' file list of the evaluation images",
+        "val_path": "separate evaluation root (e.g. ImageNet val for CC3M runs)",
+        "num_classes": "number of classes (inferred from the data when not given)",
+        "image_size": "training crop size (32 for CIFAR/digits, 224 for ImageNet-style data)",
+        "val_resize": "shorter side before the evaluation centre crop (256 for 224)",
+        "crop_scale": "RandomResizedCrop area range LO HI (ImageNet-style data)",
+        "data_backend": "data pipeline: dali (GPU JPEG decode), torch (DataLoader), auto (dali "
+                        "on CUDA when installed)",
+        "skip_bad_images": "skip undecodable images (counted each epoch) instead of stopping",
+        "synthetic_size": "images in the 'synthetic' dataset (tests, benchmarks)",
+        "workers": "data loading worker processes per GPU",
+    }),
+    ("model", {
+        "student": "student architecture (see --list-models)",
+        "teacher": "teacher architecture (see --list-models)",
+        "teacher_checkpoint": "teacher weights: a checkpoint of this trainer or a "
+                              "{'model': state_dict} file",
+        "init": "start the student from these weights (stage 2 from stage 1); non-strict",
+        "channels_last": "channels-last memory format for the convolutional models",
+    }),
+    ("method", {
+        "method": "training method: " + ", ".join(METHODS),
+        "labels": "use labels (CE and contraction); false for unsupervised runs",
+        "smooth": "distribution contraction s: target = (1-s) f_t + s W_t[y]; 0 when unsupervised",
+        "beta": "Beta(beta, beta) mixing of conditions and targets; 0 disables",
+        "kd_T": "KD temperature",
+        "kd_alpha": "KD: weight of the CE term; (1 - alpha) weights the KL term",
+        "dkd_alpha": "DKD: weight of the target-class term (TCKD)",
+        "dkd_beta": "DKD: weight of the non-target-class term (NCKD)",
+        "dkd_T": "DKD temperature",
+        "dkd_warmup": "DKD: epochs of linear warm-up of the distillation weight",
+        "dkd_ce_weight": "DKD: weight of the CE term",
+    }),
+    ("GenDD head and sampling", {
+        "token_dim": "token size d: the teacher feature is split into D_t/d tokens (must divide)",
+        "diffloss_w": "width W of the diffusion head",
+        "diffloss_d": "residual blocks of the diffusion head",
+        "mul": "diffusion_batch_mul: copies of each token per step (30 CIFAR, 10 ImageNet)",
+        "cond_drop": "probability of dropping the condition (classifier-free guidance training)",
+        "head": "diffusion head: fused (Triton), torch (reference), auto (fused on CUDA)",
+        "grad_checkpointing": "recompute head activations in the backward (saves memory)",
+        "sampling_steps": "respaced DDPM steps for sampling evaluation, e.g. 100 or 64",
+        "ddim_steps": "sample with DDIM over this many steps instead",
+        "cfg": "classifier-free guidance scale at sampling",
+        "temperature": "noise temperature at sampling",
+        "num_sampling": "draws averaged per image before classifying",
+        "sample_eval": "when to evaluate by sampling: end, every (each evaluation), never",
+    }),
+    ("optimisation", {
+        "epochs": "training epochs",
+        "batch_size": "images per GPU (per process) per step",
+        "eval_batch_size": "images per process per evaluation batch",
+        "opt": "optimiser: adamw, sgd",
+        "opt_impl": "optimiser implementation: torch (native fused on CUDA) or apex (FusedAdam "
+                    "when NVIDIA apex is installed)",
+        "lr": "peak learning rate",
+        "weight_decay": "weight decay of the decayed parameter group",
+        "momentum": "SGD momentum",
+        "betas": "AdamW betas BETA1 BETA2",
+        "warmup_epochs": "linear learning-rate warm-up, in epochs",
+        "sched": "learning-rate schedule after warm-up: cos, step",
+        "decay_epochs": "epochs at which --sched step multiplies the lr by --decay-rate",
+        "decay_rate": "factor of each step decay",
+        "min_lr": "learning rate at the end of the cosine",
+        "clip_grad": "clip the gradient norm to this value (none: no clipping)",
+    }),
+    ("precision and speed", {
+        "amp": "mixed precision: auto (bf16 on CUDA, off on CPU), bf16, fp16, off (fp32)",
+        "compile": "torch.compile the model",
+        "device": "device: auto (CUDA when available), cpu, cuda",
+    }),
+    ("run and checkpoints", {
+        "seed": "random seed (each rank adds its rank)",
+        "output": "folder for checkpoints, metrics.jsonl and curves",
+        "resume": "checkpoint to resume from, or 'auto' for OUTPUT/last.pt when it exists",
+        "log_interval": "steps between progress lines and metric records",
+        "eval_every": "evaluate every N epochs (and after the last)",
+        "save_every": "also save 'last' every N steps (0: once per epoch)",
+        "max_steps": "stop after this many optimizer steps in all (0: run every epoch)",
+        "tensorboard": "also write TensorBoard scalars to OUTPUT",
+        "plot": "write OUTPUT/curves.png at the end",
+        "progress": "print the progress line",
+    }),
+]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _effective_defaults(argv: Optional[List[str]]) -> Tuple[Dict[str, Any], List[str]]:
+    """The value each field takes when its flag is not given: the built-in default, overridden
+    by the ``--config`` recipes named in ``argv``, then dataset-dependent values filled in."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", action="append", default=[])
+    known, _ = pre.parse_known_args(argv or [])
+    values: Dict[str, Any] = {}
+    for name in known.config:
+        values.update(load_yaml(find_config(name)))
+    try:
+        resolved = dataclasses.asdict(Config(**values).resolved())
+    except TypeError:
+        resolved = dataclasses.asdict(Config().resolved())
+    return resolved, known.config
+
+
+def _default_text(value) -> str:
+    if isinstance(value, list):
+        return " ".join(map(str, value))
+    return "none" if value is None else str(value)
+
+
+def build_parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
+    """The trainer's parser; ``--help`` shows each flag's effective default (``argv`` is read for
+    ``--config`` so a recipe's values are the ones shown)."""
+    defaults, recipes = _effective_defaults(argv)
+    shown = ("the recipe " + ", ".join(recipes)) if recipes else "the built-in values"
     p = argparse.ArgumentParser(
         prog="python -m gendd_fast.train",
         description="Train a student with GenDD or a baseline. With no arguments, runs the "
-                    "embedded digits demo (teacher, scratch, KD, GenDD) and prints a table.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "embedded digits demo (teacher, scratch, KD, DKD, GenDD) and prints a table. "
+                    f"Defaults shown are {shown}; flags given on the command line override them.")
     p.add_argument("--config", action="append", default=[],
                    help="YAML recipe (path, or a name under configs/); repeatable, later wins")
     p.add_argument("--demo", action="store_true", help="run the embedded digits pipeline")
     p.add_argument("--list-models", action="store_true", help="print the model zoo and exit")
-    for f in dataclasses.fields(Config):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kw: Dict[str, Any] = dict(dest=f.name, default=None, help=_HELP.get(f.name, " "))
-        t = str(f.type)
-        if isinstance(default, bool):
-            kw.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
-            p.add_argument(_flag(f.name), **kw)
-            p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
-                           default=None, help=argparse.SUPPRESS)
-            continue
-        if t.startswith("List"):
-            inner = float if "float" in t else int
-            kw.update(type=inner, nargs="+")
-        elif "int" in t:
-            kw.update(type=_optional(int) if t.startswith("Optional") else int)
-        elif "float" in t:
-            kw.update(type=_optional(float) if t.startswith("Optional") else float)
-        else:
-            kw.update(type=str)
-        p.add_argument(_flag(f.name), **kw)
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    for title, helps in FLAG_GROUPS:
+        group = p.add_argument_group(title)
+        for name, text in helps.items():
+            _add_flag(group, fields[name], f"{text} (default: {_default_text(defaults[name])})")
     return p
+
+
+def _add_flag(group, f: dataclasses.Field, help_text: str):
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    # dest defaults to None so that config_from_args can tell a given flag from an absent one
+    kw: Dict[str, Any] = dict(dest=f.name, default=None, help=help_text)
+    t = str(f.type)
+    if isinstance(default, bool):
+        kw.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
+        group.add_argument(_flag(f.name), **kw)
+        group.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name,
+                           action="store_false", default=None, help=argparse.SUPPRESS)
+        return
+    if t.startswith("List"):
+        inner = float if "float" in t else int
+        kw.update(type=inner, nargs="+")
+    elif "int" in t:
+        kw.update(type=_optional(int) if t.startswith("Optional") else int)
+    elif "float" in t:
+        kw.update(type=_optional(float) if t.startswith("Optional") else float)
+    else:
+        kw.update(type=str)
+    group.add_argument(_flag(f.name), **kw)
 
 
 def find_config(name: str) -> str:
@@ -230,7 +345,7 @@ def load_yaml(path: str) -> Dict[str, Any]:
 
 def config_from_args(argv: Optional[List[str]] = None):
     """Parse ``argv`` into (Config, parsed namespace); Config is None for --list-models/--demo."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     if args.list_models or args.demo:
         return None, args
     values: Dict[str, Any] = {}

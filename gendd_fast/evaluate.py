@@ -9,7 +9,6 @@ override what the evaluation may change (data paths, sampling settings, batch si
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import sys
@@ -18,36 +17,7 @@ from typing import Dict, Optional
 import torch
 
 from .distributed import all_reduce_sum
-
-
-def autocast_for(device: torch.device, amp: str):
-    """The autocast context for an --amp setting (already resolved, not 'auto')."""
-    if amp == "off":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def resolve_amp(amp: str, device: torch.device) -> str:
-    if amp != "auto":
-        return amp
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "off"
-
-
-def sampling_kwargs(cfg) -> Dict:
-    """Sampler settings from a config: respaced ancestral sampling, or DDIM when asked."""
-    kw = dict(cfg=cfg.cfg, temperature=cfg.temperature, num_sampling=cfg.num_sampling)
-    if cfg.ddim_steps:
-        kw.update(sampler="ddim", eta=0.0)
-    return kw
-
-
-def configure_sampler(distiller, cfg):
-    head = getattr(distiller, "diffloss", None)
-    if head is not None:
-        head.set_sampling_steps(f"ddim{cfg.ddim_steps}" if cfg.ddim_steps else cfg.sampling_steps)
+from .precision import autocast_for, resolve_amp
 
 
 @torch.no_grad()
@@ -105,11 +75,11 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
     args = p.parse_args(argv)
 
+    from .build import build_method, configure_sampler, sampling_kwargs
     from .checkpoint import join_state, read_checkpoint
     from .config import Config, validate
     from .data import build_loaders
     from .distributed import init_distributed
-    from .train import build_method
 
     ckpt = read_checkpoint(args.checkpoint)
     if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -21,25 +22,32 @@ class Progress:
     On a terminal the line is redrawn in place; in a log file each update is its own line.
     """
 
-    def __init__(self, total_steps: int, enabled: bool = True, stream=sys.stderr):
-        self.total, self.enabled, self.stream = total_steps, enabled, stream
+    def __init__(self, total_steps: int, start_step: int = 0, enabled: bool = True,
+                 stream=sys.stderr):
+        # The ETA counts only the steps this process will run: from ``start_step`` (where a
+        # resumed run picks up) to ``total_steps`` (``--max-steps`` already applied), at the
+        # rate measured since the loop began.
+        self.total, self.start_step = total_steps, start_step
+        self.enabled, self.stream = enabled, stream
         self.tty = enabled and hasattr(stream, "isatty") and stream.isatty()
         self.t0 = time.time()
-        self.steps_at_start: Optional[int] = None
+
+    def eta(self, global_step: int, now: Optional[float] = None) -> float:
+        """Seconds left for the steps still to run, at the rate measured so far."""
+        done = global_step - self.start_step
+        elapsed = (time.time() if now is None else now) - self.t0
+        if done <= 0 or elapsed <= 0:
+            return float("nan")
+        return max(self.total - global_step, 0) * elapsed / done
 
     def update(self, epoch: int, epochs: int, step: int, steps: int, global_step: int,
                values: Dict[str, float], lr: float, img_s: float):
         if not self.enabled:
             return
-        if self.steps_at_start is None:
-            self.steps_at_start = global_step - 1
-            self.t0 = time.time()
-        done = global_step - self.steps_at_start
-        rate = done / max(time.time() - self.t0, 1e-9)
-        eta = (self.total - global_step) / rate if rate > 0 else 0.0
+        eta = self.eta(global_step)
         terms = " ".join(f"{k} {v:.4f}" for k, v in values.items())
         line = (f"epoch {epoch + 1}/{epochs} [{step:>5d}/{steps}] {terms} lr {lr:.3g} "
-                f"{img_s:,.0f} img/s eta {fmt_time(eta)}")
+                f"{img_s:,.0f} img/s eta {fmt_time(eta) if math.isfinite(eta) else '?'}")
         if self.tty:
             self.stream.write("\r" + line.ljust(110))
         else:

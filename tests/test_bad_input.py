@@ -6,7 +6,8 @@ from PIL import Image
 from gendd_fast.config import config_from_args, make_config
 from gendd_fast.data import DatasetError, build_datasets
 from gendd_fast.models import create_model, load_checkpoint_weights
-from gendd_fast.train import main, train
+from gendd_fast.cli import train_main as main
+from gendd_fast.train import train
 from helpers import save_teacher, tiny_config
 
 

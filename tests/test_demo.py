@@ -1,7 +1,7 @@
 """The embedded default pipeline (shortened: one epoch per stage, 4 sampling steps)."""
 import json
 
-from gendd_fast import demo, train
+from gendd_fast import cli, demo
 
 
 def test_demo_prints_the_comparison_table(tmp_path, capsys):
@@ -23,5 +23,5 @@ def test_demo_prints_the_comparison_table(tmp_path, capsys):
 def test_no_arguments_runs_the_demo(monkeypatch):
     called = {}
     monkeypatch.setattr(demo, "run_demo", lambda: called.setdefault("demo", True))
-    train.main([])
+    cli.train_main([])
     assert called == {"demo": True}

@@ -1,0 +1,68 @@
+"""From a config to the objects a run needs: the diffusion head class, the distiller (student,
+teacher, head) and the sampler settings. Used by the trainer and by the evaluation alike."""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+from . import checkpoint as ckpt_io
+from .config import Config
+from .distill import Teacher, build_distiller
+from .models import create_model, load_checkpoint_weights
+from .notice import notice
+
+
+def choose_head(cfg: Config, device: torch.device):
+    """The diffusion head class: the fused Triton head on CUDA (or when asked), else the
+    reference. A fused head that cannot run falls back with one notice."""
+    from .head import DiffLoss
+    want = cfg.head if cfg.head != "auto" else ("fused" if device.type == "cuda" else "torch")
+    if want == "torch":
+        return DiffLoss
+    from .fused_head import FusedDiffLoss, fused_unavailable_reason
+    why = fused_unavailable_reason(device)
+    if why:
+        notice(f"fused head unavailable ({why}); using the reference head")
+        return DiffLoss
+    return FusedDiffLoss
+
+
+def build_method(cfg: Config, num_classes: int, device: torch.device, teacher_weights=True):
+    """(distiller, teacher) on ``device``. ``teacher_weights=False`` skips loading the teacher
+    checkpoint (evaluation: the checkpoint being evaluated carries the teacher's classifier)."""
+    teacher = None
+    if cfg.method != "ce":
+        tmodel = create_model(cfg.teacher, num_classes)
+        if teacher_weights:
+            if not cfg.teacher_checkpoint:
+                raise ValueError(f"method {cfg.method!r} needs --teacher-checkpoint (a teacher "
+                                 f"trained with --method ce, or a {{'model': state_dict}} file)")
+            load_checkpoint_weights(cfg.teacher_checkpoint, tmodel, "teacher")
+        teacher = Teacher(tmodel).to(device)
+    student = create_model(cfg.student, num_classes)
+    if cfg.init:
+        notice(ckpt_io.load_student_weights(cfg.init, student))
+    head_cls = choose_head(cfg, device) if cfg.method == "gendd" else None
+    distiller = build_distiller(cfg, student, teacher.model if teacher else None, head_cls)
+    distiller = distiller.to(device)
+    if cfg.channels_last:
+        distiller = distiller.to(memory_format=torch.channels_last)
+        if teacher is not None:
+            teacher = teacher.to(memory_format=torch.channels_last)
+    return distiller, teacher
+
+
+def sampling_kwargs(cfg: Config) -> Dict:
+    """Sampler settings from a config: respaced ancestral sampling, or DDIM when asked."""
+    kw = dict(cfg=cfg.cfg, temperature=cfg.temperature, num_sampling=cfg.num_sampling)
+    if cfg.ddim_steps:
+        kw.update(sampler="ddim", eta=0.0)
+    return kw
+
+
+def configure_sampler(distiller, cfg: Config):
+    """Respace the head's sampler to the config's steps (no-op for methods without a head)."""
+    head = getattr(distiller, "diffloss", None)
+    if head is not None:
+        head.set_sampling_steps(f"ddim{cfg.ddim_steps}" if cfg.ddim_steps else cfg.sampling_steps)

@@ -1,0 +1,40 @@
+"""Command-line entries. They sit above everything they call (the trainer, the demo), so no
+module below imports them back.
+
+    python -m gendd_fast.train [flags]     ->  train_cli()
+    gendd-train [flags]                    ->  train_cli()   (console script)
+"""
+from __future__ import annotations
+
+import sys
+from typing import List, Optional
+
+from .config import config_from_args
+from .models import list_models
+from .train import train
+
+
+def train_main(argv: Optional[List[str]] = None):
+    """Parse ``argv`` and run: no arguments or ``--demo`` run the digits demo,
+    ``--list-models`` prints the zoo, anything else trains."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        from .demo import run_demo
+        return run_demo()
+    cfg, args = config_from_args(argv)
+    if args.list_models:
+        print("\n".join(list_models()))
+        return None
+    if args.demo:
+        from .demo import run_demo
+        return run_demo()
+    return train(cfg)
+
+
+def train_cli():
+    """``train_main`` with the errors a user can fix printed as one line (exit status 2)."""
+    try:
+        train_main()
+    except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
