@@ -30,7 +30,7 @@ from .distributed import (all_gather_object, all_reduce_max, barrier, broadcast_
 from .evaluate import (autocast_for, configure_sampler, evaluate, resolve_amp,
                        sampling_kwargs)
 from .logs import MetricsLog, Progress, fmt_time, plot_curves
-from .models import create_model, list_models, load_checkpoint_weights
+from .models import build_teacher, create_model, list_models
 from .notice import notice
 
 
@@ -60,14 +60,8 @@ def build_method(cfg: Config, num_classes: int, device: torch.device, teacher_we
     """(distiller, teacher) on ``device``. ``teacher_weights=False`` skips loading the teacher
     checkpoint (evaluation: the checkpoint being evaluated carries the teacher's classifier)."""
     teacher = None
-    if cfg.method != "ce":
-        tmodel = create_model(cfg.teacher, num_classes)
-        if teacher_weights:
-            if not cfg.teacher_checkpoint:
-                raise ValueError(f"method {cfg.method!r} needs --teacher-checkpoint (a teacher "
-                                 f"trained with --method ce, or a {{'model': state_dict}} file)")
-            load_checkpoint_weights(cfg.teacher_checkpoint, tmodel, "teacher")
-        teacher = Teacher(tmodel).to(device)
+    if cfg.method != "ce":  # zoo + checkpoint, or timm/torchvision with their own weights
+        teacher = Teacher(build_teacher(cfg, num_classes, teacher_weights)).to(device)
     student = create_model(cfg.student, num_classes)
     if cfg.init:
         notice(ckpt_io.load_student_weights(cfg.init, student))
