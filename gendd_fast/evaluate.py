@@ -83,6 +83,9 @@ def evaluate(distiller, loader, device: torch.device, amp: str = "off", sample: 
 
 
 def main(argv=None):
+    from .report import main as report_main, wants_report  # several checkpoints, --steps-sweep
+    if wants_report(sys.argv[1:] if argv is None else argv):
+        return report_main(argv)
     p = argparse.ArgumentParser(prog="python -m gendd_fast.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by the trainer")
