@@ -314,6 +314,9 @@ def validate(cfg: Config):
         raise ValueError(f"cond-drop must lie in [0, 1), got {cfg.cond_drop}")
     if len(cfg.crop_scale) != 2 or not 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1:
         raise ValueError(f"crop-scale must be two numbers 0 < lo <= hi <= 1, got {cfg.crop_scale}")
+    if not cfg.labels and cfg.method in ("ce", "dkd", "gendd-pretrain"):
+        raise ValueError(f"method {cfg.method!r} needs labels; unsupervised runs use --method "
+                         f"gendd or kd (the KL baseline) with --labels false")
     for name in ("mixup", "cutmix"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"{name} must be >= 0 (0 disables), got {getattr(cfg, name)}")

@@ -41,8 +41,8 @@ def wants_report(argv: Sequence[str]) -> bool:
     """True when ``python -m gendd_fast.evaluate`` was asked for a table: several checkpoints,
     ``--steps-sweep``, ``--table`` or ``--csv``."""
     argv = list(argv)
-    if any(a in ("--steps-sweep", "--table", "--csv") or a.startswith(("--table=", "--csv="))
-           for a in argv):
+    if any(a in ("--steps-sweep", "--table", "--csv", "-h", "--help")
+           or a.startswith(("--table=", "--csv=")) for a in argv):
         return True
     n, counting = 0, False
     for a in argv:
@@ -59,8 +59,10 @@ def wants_report(argv: Sequence[str]) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m gendd_fast.evaluate",
-        description="Evaluate several checkpoints into one table (mean +- std over seeds of a "
-                    "recipe), optionally with the accuracy-vs-sampling-steps sweep.")
+        description="Evaluate trained checkpoints: linear-probe top-1/top-5 and, for GenDD, "
+                    "top-1/top-5 by sampling. One checkpoint prints its metrics; several (or "
+                    "--table/--csv/--steps-sweep) give one table, runs of one recipe as mean "
+                    "+- std over seeds, optionally with the accuracy-vs-sampling-steps sweep.")
     p.add_argument("--checkpoint", nargs="+", action="extend", required=True,
                    help="checkpoints written by the trainer (repeatable)")
     p.add_argument("--table", default=None, help="write the Markdown table here")

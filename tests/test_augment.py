@@ -171,6 +171,8 @@ def test_soft_labels_flow_into_contraction_ce_and_kd():
     f_t = torch.randn(4, 64)
     want = 0.3 * f_t + 0.7 * (y.double() @ teacher_fc.weight.double()).float()
     torch.testing.assert_close(g.contract(f_t, y), want, rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # y @ W_t stays fp32 under autocast
+        torch.testing.assert_close(g.contract(f_t, y), want, rtol=1e-5, atol=1e-5)
     logits = torch.randn(4, k)
     torch.testing.assert_close(cross_entropy(logits, y),
                                -(y * torch.log_softmax(logits, 1)).sum(1).mean())

@@ -151,6 +151,9 @@ def test_kd_without_labels_is_the_kl_baseline(tmp_path, teacher_ckpt):
     loss, parts = d(x, unlabelled, (None, t))
     torch.testing.assert_close(loss, kd_loss(d.student(x), t, 4.0))
     assert set(parts) == {"kd"}
+    for method in ("dkd", "gendd-pretrain"):
+        with pytest.raises(ValueError, match="needs labels"):
+            tiny_config(tmp_path, method, teacher_ckpt, labels=False)
     cfg = tiny_config(tmp_path, "kd", teacher_ckpt, labels=False, epochs=1)
     train(cfg)
     assert "ce" not in read_metrics(cfg.output)[-1]

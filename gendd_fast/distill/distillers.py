@@ -35,6 +35,11 @@ def _has_labels(labels) -> bool:
     return labels is not None and (labels.is_floating_point() or bool((labels >= 0).all()))
 
 
+def _fp32(t: torch.Tensor):
+    """A region where matmuls stay in float32 even under autocast."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
 def hard_labels(labels):
     """Class indices from hard (B,) or soft (B, K) labels (the soft label's largest entry)."""
     return labels.argmax(1) if labels.is_floating_point() else labels
@@ -168,12 +173,12 @@ class IKL(Distiller):
         # progress runs over (e, e + 1] during epoch e (it is e + 1 at its last step)
         epoch = max(0, math.ceil(progress - 1e-9) - 1)
         self._roll_epoch(epoch)
-        with torch.no_grad():
+        with torch.no_grad(), _fp32(p_t):  # class means in fp32, not autocast's bf16
             self.acc_sum += y_soft.t() @ p_t
             self.acc_n += y_soft.sum(0)
-        ready = self.prior_seen.float()
-        w = y_soft @ (self.prior * ready[:, None])
-        return w + (y_soft * (1 - ready)).sum(1, keepdim=True) * p_t
+            ready = self.prior_seen.float()
+            w = y_soft @ (self.prior * ready[:, None])
+            return w + (y_soft * (1 - ready)).sum(1, keepdim=True) * p_t
 
     def forward(self, images, labels, teacher_out, progress: float = 0.0):
         logits = self.student(images)
@@ -258,7 +263,11 @@ class GenDD(Distiller):
         if self.smooth <= 0 or not self.use_labels or not _has_labels(labels):
             return t_feat
         w = self.teacher_fc.weight.float()
-        anchor = labels.float() @ w if labels.is_floating_point() else w[labels]
+        if labels.is_floating_point():  # soft (mixed) labels: y @ W_t, in fp32 under autocast
+            with _fp32(w):
+                anchor = labels.float() @ w
+        else:
+            anchor = w[labels]
         return (1 - self.smooth) * t_feat + self.smooth * anchor
 
     def mix(self, z, target):
