@@ -9,7 +9,7 @@ import torch
 from . import checkpoint as ckpt_io
 from .config import Config
 from .distill import Teacher, build_distiller
-from .models import create_model, load_checkpoint_weights
+from .models import build_teacher, create_model
 from .notice import notice
 
 
@@ -32,14 +32,8 @@ def build_method(cfg: Config, num_classes: int, device: torch.device, teacher_we
     """(distiller, teacher) on ``device``. ``teacher_weights=False`` skips loading the teacher
     checkpoint (evaluation: the checkpoint being evaluated carries the teacher's classifier)."""
     teacher = None
-    if cfg.method != "ce":
-        tmodel = create_model(cfg.teacher, num_classes)
-        if teacher_weights:
-            if not cfg.teacher_checkpoint:
-                raise ValueError(f"method {cfg.method!r} needs --teacher-checkpoint (a teacher "
-                                 f"trained with --method ce, or a {{'model': state_dict}} file)")
-            load_checkpoint_weights(cfg.teacher_checkpoint, tmodel, "teacher")
-        teacher = Teacher(tmodel).to(device)
+    if cfg.method != "ce":  # zoo + checkpoint, or timm/torchvision with their own weights
+        teacher = Teacher(build_teacher(cfg, num_classes, teacher_weights)).to(device)
     student = create_model(cfg.student, num_classes)
     if cfg.init:
         notice(ckpt_io.load_student_weights(cfg.init, student))

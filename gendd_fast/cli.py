@@ -3,6 +3,8 @@ module below imports them back.
 
     python -m gendd_fast.train [flags]     ->  train_cli()
     gendd-train [flags]                    ->  train_cli()   (console script)
+    python -m gendd_fast.evaluate [flags]  ->  evaluate_cli() (one checkpoint: gendd_fast.evaluate;
+                                               several, --table/--csv, --steps-sweep: gendd_fast.report)
 """
 from __future__ import annotations
 
@@ -36,5 +38,22 @@ def train_cli():
     try:
         train_main()
     except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def evaluate_main(argv: Optional[List[str]] = None):
+    """One checkpoint: :func:`gendd_fast.evaluate.main`. Several checkpoints, a table or
+    ``--steps-sweep``: :func:`gendd_fast.report.main`."""
+    from . import evaluate, report
+    if report.wants_report(sys.argv[1:] if argv is None else argv):
+        return report.main(argv)
+    return evaluate.main(argv)
+
+
+def evaluate_cli():
+    try:
+        evaluate_main()
+    except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

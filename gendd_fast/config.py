@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-METHODS = ("ce", "kd", "dkd", "gendd-pretrain", "gendd")
+METHODS = ("ce", "kd", "dkd", "ikl", "gendd-pretrain", "gendd")
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "filelist", "webdataset", "synthetic")
 # configs/ at the top of the repository, linked into the package (installed copies carry it).
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -22,11 +22,13 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 @dataclass
 class Config:
     # --- what to train -------------------------------------------------------------------------
-    method: str = "gendd"            # ce | kd | dkd | gendd-pretrain | gendd
+    method: str = "gendd"            # ce | kd | dkd | ikl | gendd-pretrain | gendd
     student: str = "resnet8"
     teacher: Optional[str] = None    # needed by kd, dkd, gendd-pretrain, gendd
     teacher_checkpoint: Optional[str] = None
     init: Optional[str] = None       # student weights to start from (stage 2 from stage 1), non-strict
+    teacher_pretrained: bool = False  # timm:NAME teachers: timm's own pretrained weights
+    teacher_weights: Optional[str] = None  # torchvision:NAME teachers: weights enum, e.g. DEFAULT
     # --- data ----------------------------------------------------------------------------------
     dataset: str = "digits"
     data_path: Optional[str] = None  # dataset root (CIFAR pickle folder, ImageFolder root, ...)
@@ -81,6 +83,20 @@ class Config:
     dkd_T: float = 4.0
     dkd_warmup: int = 20
     dkd_ce_weight: float = 1.0
+    ikl_alpha: float = 1.0           # weight of IKL's soft-label CE term
+    ikl_beta: float = 0.5            # weight of IKL's weighted MSE on logit differences
+    ikl_T: float = 1.0
+    ikl_T2: float = 1.0              # temperature of the class weights of the weighted MSE
+    ikl_gi: bool = True              # class-wise global information (needs labels)
+    ikl_warmup: float = 1.0          # epochs of linear ramp of the IKL term
+    ikl_ce_weight: float = 1.0
+    # --- augmentation (BEiT -> ResNet-50 recipes) ----------------------------------------------
+    randaug: Optional[str] = None    # RandAugment policy, e.g. rand-m7-n2-mstd0.5 (timm style)
+    mixup: float = 0.0               # Mixup Beta(a, a); 0 disables
+    cutmix: float = 0.0              # CutMix Beta(a, a); 0 disables
+    mixup_prob: float = 1.0          # probability a batch is mixed at all
+    mixup_switch_prob: float = 0.5   # with both on: probability of CutMix instead of Mixup
+    label_smoothing: float = 0.0
     # --- performance ---------------------------------------------------------------------------
     amp: str = "auto"                # auto | bf16 | fp16 | off   (auto: bf16 on CUDA, off on CPU)
     channels_last: bool = False
@@ -174,18 +190,31 @@ FLAG_GROUPS = [
         "skip_bad_images": "skip undecodable images (counted each epoch) instead of stopping",
         "synthetic_size": "images in the 'synthetic' dataset (tests, benchmarks)",
         "workers": "data loading worker processes per GPU",
+        "randaug": "RandAugment on the batch (on the GPU), timm-style policy rand-mM-nN[-mstdS], "
+                   "e.g. rand-m7-n2-mstd0.5; none disables",
+        "mixup": "Mixup alpha (Beta(a, a)) on training batches; labels become soft; 0 disables",
+        "cutmix": "CutMix alpha (Beta(a, a)) on training batches; 0 disables",
+        "mixup_prob": "probability that a training batch is mixed (Mixup or CutMix)",
+        "mixup_switch_prob": "with --mixup and --cutmix both on: probability of CutMix",
+        "label_smoothing": "label smoothing of the training labels (soft labels flow into CE, KD "
+                           "and GenDD's contraction y @ W_t)",
     }),
     ("model", {
         "student": "student architecture (see --list-models)",
         "teacher": "teacher architecture (see --list-models)",
         "teacher_checkpoint": "teacher weights: a checkpoint of this trainer or a "
                               "{'model': state_dict} file",
+        "teacher_pretrained": "with --teacher timm:NAME: load timm's pretrained weights (timm's "
+                              "download and cache; with --teacher-checkpoint FILE, from that file)",
+        "teacher_weights": "with --teacher torchvision:NAME: a weights name (DEFAULT, "
+                           "IMAGENET1K_V2, ...) or a local state-dict file",
         "init": "start the student from these weights (stage 2 from stage 1); non-strict",
         "channels_last": "channels-last memory format for the convolutional models",
     }),
     ("method", {
         "method": "training method: " + ", ".join(METHODS),
-        "labels": "use labels (CE and contraction); false for unsupervised runs",
+        "labels": "use labels: false for unsupervised runs (GenDD: no CE, no contraction; kd: the "
+                  "KL baseline, teacher soft targets only)",
         "smooth": "distribution contraction s: target = (1-s) f_t + s W_t[y]; 0 when unsupervised",
         "beta": "Beta(beta, beta) mixing of conditions and targets; 0 disables",
         "kd_T": "KD temperature",
@@ -195,6 +224,14 @@ FLAG_GROUPS = [
         "dkd_T": "DKD temperature",
         "dkd_warmup": "DKD: epochs of linear warm-up of the distillation weight",
         "dkd_ce_weight": "DKD: weight of the CE term",
+        "ikl_alpha": "IKL-KD: weight of the soft-label cross-entropy term",
+        "ikl_beta": "IKL-KD: weight of the weighted MSE on pairwise logit differences",
+        "ikl_T": "IKL-KD: temperature of the soft-label term",
+        "ikl_T2": "IKL-KD: temperature of the teacher probabilities that weigh class pairs",
+        "ikl_gi": "IKL-KD: weigh class pairs by the class-wise mean teacher probability (global "
+                  "information) instead of the sample's own",
+        "ikl_warmup": "IKL-KD: epochs over which the IKL term ramps up linearly",
+        "ikl_ce_weight": "IKL-KD: weight of the cross-entropy on labels",
     }),
     ("GenDD head and sampling", {
         "token_dim": "token size d: the teacher feature is split into D_t/d tokens (must divide)",
@@ -381,7 +418,7 @@ def validate(cfg: Config):
     choice("sample_eval", ("end", "every", "never"))
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise ValueError("epochs and batch-size must be positive")
-    if cfg.method.startswith("gendd") or cfg.method in ("kd", "dkd"):
+    if cfg.method.startswith("gendd") or cfg.method in ("kd", "dkd", "ikl"):
         if not cfg.teacher:
             raise ValueError(f"method {cfg.method!r} needs a teacher (--teacher NAME "
                              f"--teacher-checkpoint PATH)")
@@ -391,5 +428,28 @@ def validate(cfg: Config):
         raise ValueError(f"cond-drop must lie in [0, 1), got {cfg.cond_drop}")
     if len(cfg.crop_scale) != 2 or not 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1:
         raise ValueError(f"crop-scale must be two numbers 0 < lo <= hi <= 1, got {cfg.crop_scale}")
+    if not cfg.labels and cfg.method in ("ce", "dkd", "gendd-pretrain"):
+        raise ValueError(f"method {cfg.method!r} needs labels; unsupervised runs use --method "
+                         f"gendd or kd (the KL baseline) with --labels false")
+    for name in ("mixup", "cutmix"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name} must be >= 0 (0 disables), got {getattr(cfg, name)}")
+    for name in ("mixup_prob", "mixup_switch_prob"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise ValueError(f"{name.replace('_', '-')} must lie in [0, 1], got "
+                             f"{getattr(cfg, name)}")
+    if not 0.0 <= cfg.label_smoothing < 1.0:
+        raise ValueError(f"label-smoothing must lie in [0, 1), got {cfg.label_smoothing}")
+    if cfg.randaug:
+        from .data.augment import parse_randaug
+        parse_randaug(cfg.randaug)  # raises on a malformed policy
+    if cfg.ikl_T <= 0 or cfg.ikl_T2 <= 0:
+        raise ValueError(f"ikl-T and ikl-T2 must be positive, got {cfg.ikl_T}, {cfg.ikl_T2}")
+    if cfg.teacher_pretrained and not (cfg.teacher or "").startswith("timm:"):
+        raise ValueError(f"--teacher-pretrained applies to timm:NAME teachers, not "
+                         f"{cfg.teacher!r} (torchvision teachers take --teacher-weights)")
+    if cfg.teacher_weights and not (cfg.teacher or "").startswith("torchvision:"):
+        raise ValueError(f"--teacher-weights applies to torchvision:NAME teachers, not "
+                         f"{cfg.teacher!r} (zoo teachers take --teacher-checkpoint)")
     if len(cfg.betas) != 2:
         raise ValueError(f"betas must be two numbers, got {cfg.betas}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from typing import Dict, Optional
 
 import torch
@@ -121,13 +120,6 @@ def main(argv=None):
     return res
 
 
-def cli():
-    try:
-        main()
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    cli()
+if __name__ == "__main__":  # `python -m gendd_fast.evaluate`: the entry lives in gendd_fast.cli
+    from gendd_fast.cli import evaluate_cli
+    evaluate_cli()

@@ -107,6 +107,11 @@ def _choose_backend(cfg, device: torch.device) -> str:
 
 
 def build_loaders(cfg, rank: int, world: int, device: torch.device) -> Loaders:
+    from .augment import wrap_train_loader  # batch RandAugment / Mixup / CutMix when asked
+    return wrap_train_loader(_build_loaders(cfg, rank, world, device), cfg, rank)
+
+
+def _build_loaders(cfg, rank: int, world: int, device: torch.device) -> Loaders:
     backend = _choose_backend(cfg, device)
     if backend == "dali":
         from . import dali

@@ -13,13 +13,15 @@ load.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .losses import dkd_loss, kd_loss
+from ..distributed import all_reduce_sum
+from .losses import dkd_loss, ikl_loss, kd_loss
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:
@@ -31,6 +33,23 @@ def frozen_copy(module: nn.Module) -> nn.Module:
 
 def _has_labels(labels) -> bool:
     return labels is not None and (labels.is_floating_point() or bool((labels >= 0).all()))
+
+
+def _fp32(t: torch.Tensor):
+    """A region where matmuls stay in float32 even under autocast."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
+def hard_labels(labels):
+    """Class indices from hard (B,) or soft (B, K) labels (the soft label's largest entry)."""
+    return labels.argmax(1) if labels.is_floating_point() else labels
+
+
+def soft_labels(labels, num_classes: int):
+    """(B, K) float label distributions from hard (B,) or soft (B, K) labels."""
+    if labels.is_floating_point():
+        return labels.float()
+    return F.one_hot(labels, num_classes).float()
 
 
 def cross_entropy(logits, labels):
@@ -68,17 +87,22 @@ class CE(Distiller):
 
 
 class KD(Distiller):
-    """alpha * CE + (1 - alpha) * T^2 * KL(teacher || student) (Hinton et al.)."""
+    """alpha * CE + (1 - alpha) * T^2 * KL(teacher || student) (Hinton et al.).
+
+    ``labels=False`` is the unsupervised KL baseline: the teacher's soft targets only, no CE
+    (and the KL term at full weight, not (1 - alpha))."""
     needs_teacher = True
 
-    def __init__(self, student, T: float = 4.0, alpha: float = 0.1):
+    def __init__(self, student, T: float = 4.0, alpha: float = 0.1, labels: bool = True):
         super().__init__(student)
-        self.T, self.alpha = T, alpha
+        self.T, self.alpha, self.use_labels = T, alpha, labels
 
     def forward(self, images, labels, teacher_out, progress: float = 0.0):
         logits = self.student(images)
-        ce = cross_entropy(logits, labels)
         kd = kd_loss(logits, teacher_out[1], self.T)
+        if not self.use_labels:
+            return kd, {"kd": kd.detach()}
+        ce = cross_entropy(logits, labels)
         loss = self.alpha * ce + (1 - self.alpha) * kd
         return loss, {"ce": ce.detach(), "kd": kd.detach()}
 
@@ -96,8 +120,85 @@ class DKD(Distiller):
         logits = self.student(images)
         ce = cross_entropy(logits, labels)
         ramp = min(progress / self.warmup, 1.0) if self.warmup > 0 else 1.0
-        dkd = dkd_loss(logits, teacher_out[1], labels, self.alpha, self.beta, self.T)
+        # DKD splits on one target class: with soft (mixed) labels, their largest entry.
+        dkd = dkd_loss(logits, teacher_out[1], hard_labels(labels), self.alpha, self.beta,
+                       self.T)
         return self.ce_weight * ce + ramp * dkd, {"ce": ce.detach(), "dkd": dkd.detach()}
+
+
+class IKL(Distiller):
+    """IKL-KD: ``ce_weight * CE + min(progress / warmup, 1) * IKL`` (Cui et al., NeurIPS 2024).
+
+    IKL's weighted MSE on logit differences weighs class pairs by the outer product of a class
+    distribution. With ``gi`` (global information, the paper's ImageNet setting) that is the
+    class-wise mean of the teacher's ``softmax(t / T2)`` over the previous epoch's training
+    images of the sample's class (soft labels mix those rows); a class not yet seen for a whole
+    epoch uses the sample's own teacher probabilities, as ``gi=False`` always does. The class
+    means are accumulated per process and all-reduced once, when an epoch ends, so the prior is
+    the same on every rank; they are buffers, saved with the checkpoint.
+    """
+    needs_teacher = True
+
+    def __init__(self, student, num_classes: int, alpha=1.0, beta=0.5, T=1.0, T2=1.0, gi=True,
+                 warmup=1.0, ce_weight=1.0, labels=True):
+        super().__init__(student)
+        self.alpha, self.beta, self.T, self.T2 = alpha, beta, T, T2
+        self.gi, self.warmup, self.ce_weight = gi and labels, warmup, ce_weight
+        self.use_labels, self.num_classes = labels, num_classes
+        k = num_classes if self.gi else 0
+        self.register_buffer("prior", torch.zeros(k, k))
+        self.register_buffer("prior_seen", torch.zeros(k, dtype=torch.bool))
+        self.register_buffer("acc_sum", torch.zeros(k, k))
+        self.register_buffer("acc_n", torch.zeros(k))
+        self.register_buffer("prior_epoch", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def _roll_epoch(self, epoch: int):
+        """At the first step of a new epoch, the finished epoch's class means become the prior."""
+        if epoch <= int(self.prior_epoch):
+            return
+        all_reduce_sum(self.acc_sum)
+        all_reduce_sum(self.acc_n)
+        seen = self.acc_n > 0
+        self.prior[seen] = self.acc_sum[seen] / self.acc_n[seen, None]
+        self.prior_seen |= seen
+        self.acc_sum.zero_()
+        self.acc_n.zero_()
+        self.prior_epoch.fill_(epoch)
+
+    def class_weights(self, teacher_logits, y_soft, progress: float):
+        p_t = F.softmax(teacher_logits.float() / self.T2, dim=1)
+        if not self.gi:
+            return p_t
+        # progress runs over (e, e + 1] during epoch e (it is e + 1 at its last step)
+        epoch = max(0, math.ceil(progress - 1e-9) - 1)
+        self._roll_epoch(epoch)
+        with torch.no_grad(), _fp32(p_t):  # class means in fp32, not autocast's bf16
+            self.acc_sum += y_soft.t() @ p_t
+            self.acc_n += y_soft.sum(0)
+            ready = self.prior_seen.float()
+            w = y_soft @ (self.prior * ready[:, None])
+            return w + (y_soft * (1 - ready)).sum(1, keepdim=True) * p_t
+
+    def forward(self, images, labels, teacher_out, progress: float = 0.0):
+        logits = self.student(images)
+        t = teacher_out[1].float()
+        has = self.use_labels and _has_labels(labels)
+        if self.gi and not has:
+            raise ValueError("IKL with global information needs labels (use --labels true, "
+                             "or --ikl-gi false for unlabelled data)")
+        y = soft_labels(labels, logits.shape[1]) if has else None
+        w = self.class_weights(t, y, progress) if y is not None else \
+            F.softmax(t / self.T2, dim=1)
+        ramp = min(progress / self.warmup, 1.0) if self.warmup > 0 else 1.0
+        ikl, wmse, sce = ikl_loss(logits, t, w.detach(), self.alpha, self.beta, self.T)
+        loss = ramp * ikl
+        parts = {"ikl": ikl.detach(), "wmse": wmse.detach(), "sce": sce.detach()}
+        if has:
+            ce = cross_entropy(logits, labels)
+            loss = loss + self.ce_weight * ce
+            parts["ce"] = ce.detach()
+        return loss, parts
 
 
 class GenDDPretrain(Distiller):
@@ -162,7 +263,11 @@ class GenDD(Distiller):
         if self.smooth <= 0 or not self.use_labels or not _has_labels(labels):
             return t_feat
         w = self.teacher_fc.weight.float()
-        anchor = labels.float() @ w if labels.is_floating_point() else w[labels]
+        if labels.is_floating_point():  # soft (mixed) labels: y @ W_t, in fp32 under autocast
+            with _fp32(w):
+                anchor = labels.float() @ w
+        else:
+            anchor = w[labels]
         return (1 - self.smooth) * t_feat + self.smooth * anchor
 
     def mix(self, z, target):
@@ -233,7 +338,10 @@ def build_distiller(cfg, student: nn.Module, teacher: Optional[nn.Module], head_
     if teacher is None:
         raise ValueError(f"method {m!r} needs a teacher")
     if m == "kd":
-        return KD(student, cfg.kd_T, cfg.kd_alpha)
+        return KD(student, cfg.kd_T, cfg.kd_alpha, cfg.labels)
+    if m == "ikl":
+        return IKL(student, teacher.fc.out_features, cfg.ikl_alpha, cfg.ikl_beta, cfg.ikl_T,
+                   cfg.ikl_T2, cfg.ikl_gi, cfg.ikl_warmup, cfg.ikl_ce_weight, cfg.labels)
     if m == "dkd":
         return DKD(student, cfg.dkd_alpha, cfg.dkd_beta, cfg.dkd_T, cfg.dkd_warmup,
                    cfg.dkd_ce_weight)

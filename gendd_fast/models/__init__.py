@@ -13,69 +13,76 @@ import torch.nn as nn
 
 from .base import Backbone
 from .cifar import CIFAR_MODELS
+from .external import ExternalBackbone, create_external, source_available
 from .imagenet import IMAGENET_MODELS
 
 MODELS = {**CIFAR_MODELS, **IMAGENET_MODELS}
 
 
-def list_models():
-    return sorted(MODELS, key=str.lower)
+# Teachers of the paper's table that come from timm (BEiT-B/L, ImageNet-22k -> 1k fine-tuned).
+TIMM_EXAMPLES = ("beit_large_patch16_224.in22k_ft_in22k_in1k",
+                 "beit_base_patch16_224.in22k_ft_in22k_in1k")
 
 
-class _ExternalBackbone(Backbone):
-    """Adapts a timm or torchvision classifier to the zoo's interface."""
-
-    def __init__(self, net: nn.Module, source: str):
-        super().__init__()
-        self.net = net
-        if source == "timm":
-            self.num_features = net.num_features
-            self.fc = net.get_classifier()
-            net.reset_classifier(0)  # forward_head(pre_logits) then gives the pooled feature
-            self._features = lambda x: net.forward_head(net.forward_features(x), pre_logits=True)
-        else:
-            head_name = next((n for n in ("fc", "classifier", "heads", "head")
-                              if hasattr(net, n)), None)
-            if head_name is None:
-                raise ValueError("torchvision model has no recognisable classifier")
-            head = getattr(net, head_name)
-            linear = head if isinstance(head, nn.Linear) else [m for m in head.modules()
-                                                                if isinstance(m, nn.Linear)][-1]
-            self.fc = linear
-            self.num_features = linear.in_features
-            if isinstance(head, nn.Linear):
-                setattr(net, head_name, nn.Identity())
-            else:  # e.g. Sequential(Dropout, Linear): keep everything but the last Linear
-                for name, m in head.named_children():
-                    if m is linear:
-                        setattr(head, name, nn.Identity())
-            self._features = net
-
-    def forward_features(self, x):
-        return self._features(x)
+def list_models(external: bool = True):
+    """The zoo's names; with ``external``, also how to name timm/torchvision models."""
+    names = sorted(MODELS, key=str.lower)
+    if not external:
+        return names
+    state = {s: "importable" if source_available(s) else "not importable here"
+             for s in ("timm", "torchvision")}
+    return names + [
+        f"timm:NAME          any timm model ({state['timm']}); add --teacher-pretrained for "
+        f"timm's weights, e.g. " + ", ".join("timm:" + n for n in TIMM_EXAMPLES),
+        f"torchvision:NAME   any torchvision classifier ({state['torchvision']}); add "
+        f"--teacher-weights DEFAULT (or IMAGENET1K_V2, or a local state-dict file)"]
 
 
-def _external(name: str, num_classes: int) -> Backbone:
-    source, _, arch = name.partition(":")
-    try:
-        if source == "timm":
-            import timm
-            return _ExternalBackbone(timm.create_model(arch, num_classes=num_classes), "timm")
-        import torchvision
-        return _ExternalBackbone(torchvision.models.get_model(arch, num_classes=num_classes),
-                                 "torchvision")
-    except ImportError as e:
-        raise ImportError(f"model {name!r} needs the '{source}' package, which is not importable "
-                          f"here ({e}); use a zoo model: {', '.join(list_models())}") from e
+_ExternalBackbone = ExternalBackbone  # the name earlier code used
 
 
 def create_model(name: str, num_classes: int) -> Backbone:
+    """A randomly initialised model (zoo name, or timm:NAME / torchvision:NAME)."""
     if name.startswith(("timm:", "torchvision:")):
-        return _external(name, num_classes)
+        return create_external(name, num_classes)
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; valid: {', '.join(list_models())} "
+        raise ValueError(f"unknown model {name!r}; valid: {', '.join(list_models(False))} "
                          f"(or timm:NAME / torchvision:NAME where installed)")
     return MODELS[name](num_classes)
+
+
+def build_teacher(cfg, num_classes: int, load_weights: bool = True) -> Backbone:
+    """The teacher a config names, with its weights: a zoo model from --teacher-checkpoint, a
+    timm model with --teacher-pretrained (timm's download/cache, or --teacher-checkpoint FILE
+    through timm's own loader) or from --teacher-checkpoint, a torchvision model with
+    --teacher-weights (an enum name or a file). ``load_weights=False`` builds the architecture
+    only (evaluation: the checkpoint carries what is needed of the teacher)."""
+    name = cfg.teacher
+    if name.startswith(("timm:", "torchvision:")):
+        from ..data.transforms import normalization_for
+        if not load_weights:
+            return create_external(name, num_classes)
+        pretrained = bool(getattr(cfg, "teacher_pretrained", False))
+        weights = getattr(cfg, "teacher_weights", None)
+        if name.startswith("timm:"):
+            weights = cfg.teacher_checkpoint
+            if not pretrained and not weights:
+                raise ValueError(f"teacher {name!r} needs weights: --teacher-pretrained "
+                                 f"(timm's), or --teacher-checkpoint FILE")
+        elif not weights:
+            weights = cfg.teacher_checkpoint
+            if not weights:
+                raise ValueError(f"teacher {name!r} needs weights: --teacher-weights DEFAULT "
+                                 f"(torchvision's), or a state-dict file")
+        return create_external(name, num_classes, pretrained, weights,
+                               data_norm=normalization_for(cfg.dataset))
+    model = create_model(name, num_classes)
+    if load_weights:
+        if not cfg.teacher_checkpoint:
+            raise ValueError(f"method {cfg.method!r} needs --teacher-checkpoint (a teacher "
+                             f"trained with --method ce, or a {{'model': state_dict}} file)")
+        load_checkpoint_weights(cfg.teacher_checkpoint, model, "teacher")
+    return model
 
 
 _CLASSIFIER_PREFIXES = ("classifier.0.", "classifier.", "linear.", "head.fc.", "head.")
@@ -84,7 +91,7 @@ _CLASSIFIER_PREFIXES = ("classifier.0.", "classifier.", "linear.", "head.fc.", "
 def remap_classifier_keys(state: Dict[str, torch.Tensor], model: nn.Module):
     """Rename the classifier of a zoo checkpoint (``linear``/``classifier``...) to ``fc``."""
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-    if isinstance(model, _ExternalBackbone) or any(k.startswith("fc.") for k in state):
+    if isinstance(model, ExternalBackbone) or any(k.startswith("fc.") for k in state):
         return state
     out = {}
     for k, v in state.items():
