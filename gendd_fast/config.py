@@ -418,6 +418,38 @@ def validate(cfg: Config):
     choice("sample_eval", ("end", "every", "never"))
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise ValueError("epochs and batch-size must be positive")
+
+    # Numbers that would divide by zero, index out of range or be ignored silently later on
+    # (some only after a whole epoch) are refused here, before anything is built.
+    def at_least(name, lo, optional=False):
+        v = getattr(cfg, name)
+        if v is None and optional:
+            return
+        if v is None or v < lo:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {lo}, got {v!r}")
+
+    def positive(name, optional=False):
+        v = getattr(cfg, name)
+        if v is None and optional:
+            return
+        if v is None or not v > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {v!r}")
+
+    for name in ("log_interval", "eval_every", "token_dim", "diffloss_w", "diffloss_d",
+                 "num_sampling", "synthetic_size"):
+        at_least(name, 1)
+    for name in ("mul", "eval_batch_size", "image_size", "val_resize", "ddim_steps"):
+        at_least(name, 1, optional=True)
+    at_least("num_classes", 2, optional=True)
+    for name in ("max_steps", "save_every", "workers", "dkd_warmup"):
+        at_least(name, 0)   # 0 means 'off' / 'in the main process'
+    for name in ("warmup_epochs", "weight_decay", "min_lr", "lr", "beta", "cfg", "decay_rate"):
+        at_least(name, 0)
+    for name in ("temperature", "kd_T", "dkd_T"):
+        positive(name)
+    positive("clip_grad", optional=True)
+    if not 0.0 <= cfg.momentum < 1.0:
+        raise ValueError(f"momentum must lie in [0, 1), got {cfg.momentum}")
     if cfg.method.startswith("gendd") or cfg.method in ("kd", "dkd", "ikl"):
         if not cfg.teacher:
             raise ValueError(f"method {cfg.method!r} needs a teacher (--teacher NAME "
@@ -451,5 +483,5 @@ def validate(cfg: Config):
     if cfg.teacher_weights and not (cfg.teacher or "").startswith("torchvision:"):
         raise ValueError(f"--teacher-weights applies to torchvision:NAME teachers, not "
                          f"{cfg.teacher!r} (zoo teachers take --teacher-checkpoint)")
-    if len(cfg.betas) != 2:
-        raise ValueError(f"betas must be two numbers, got {cfg.betas}")
+    if len(cfg.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.betas):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {cfg.betas}")

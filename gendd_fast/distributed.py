@@ -58,6 +58,20 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def any_rank(flag: bool, device: torch.device = torch.device("cpu")) -> bool:
+    """True on every rank when ``flag`` is true on any of them (an all-reduce MAX).
+
+    A stop decision must be one decision: a SIGTERM may reach a single rank (one node is
+    pre-empted), and ranks that decide on their own flags fall out of step in their collectives
+    and hang. Every rank must call this at the same points. ``device``: where the collective runs
+    (the CUDA device under NCCL)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def all_gather_object(obj: Any) -> List[Any]:
     if dist.is_available() and dist.is_initialized():
         out = [None] * dist.get_world_size()

@@ -8,8 +8,8 @@ from typing import Any, Optional
 import torch
 
 from .datasets import (ArrayDataset, BadImageError, DatasetError, ImageFileDataset,
-                       WebDatasetShards, load_cifar_arrays, load_digits_arrays, read_file_list,
-                       scan_image_folder, synthetic_arrays)
+                       WebDatasetShards, check_labels, load_cifar_arrays, load_digits_arrays,
+                       read_file_list, scan_image_folder, synthetic_arrays)
 from ..notice import notice
 from .loader import DeviceNormalizer, EpochSampler, TorchLoader
 
@@ -32,7 +32,30 @@ def _join(root: Optional[str], path: Optional[str]) -> Optional[str]:
 
 
 def build_datasets(cfg):
-    """Host-path (train, val, num_classes) for ``cfg.dataset``."""
+    """Host-path (train, val, num_classes) for ``cfg.dataset``. Labels are checked here, before
+    the first step: a label the model has no output for fails now, naming where it is."""
+    train, val, nc = _build_datasets(cfg)
+    if cfg.num_classes is not None and cfg.num_classes < nc:
+        raise DatasetError(f"--num-classes {cfg.num_classes} is smaller than the {nc} classes "
+                           f"of the {cfg.dataset} data")
+    return train, val, nc
+
+
+def _contiguous_classes(samples, list_path: str) -> int:
+    """The class count a 'path label' list implies; every class below it must have an image."""
+    present = {s[1] for s in samples}
+    nc = 1 + max(present)
+    missing = [c for c in range(nc) if c not in present]
+    if missing:
+        shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
+        raise DatasetError(f"{list_path}: labels run up to {nc - 1} but class(es) {shown} have "
+                           f"no image, which would build a {nc}-class model with outputs never "
+                           f"trained. Fix the labels, or pass --num-classes {nc} if the gaps "
+                           f"are intended")
+    return nc
+
+
+def _build_datasets(cfg):
     kind = cfg.dataset
     if kind == "digits":
         (xtr, ytr), (xva, yva) = load_digits_arrays(seed=0, size=cfg.image_size)
@@ -42,6 +65,8 @@ def build_datasets(cfg):
     if kind in ("cifar10", "cifar100"):
         nc = 100 if kind == "cifar100" else 10
         (xtr, ytr), (xva, yva) = load_cifar_arrays(cfg.data_path, nc)
+        check_labels(ytr, nc, f"CIFAR-{nc} training labels")
+        check_labels(yva, nc, f"CIFAR-{nc} test labels")
         return ArrayDataset(xtr, ytr, True), ArrayDataset(xva, yva, False), nc
     if kind == "synthetic":
         nc = cfg.num_classes or 10
@@ -61,7 +86,8 @@ def build_datasets(cfg):
         if not val_root:
             raise DatasetError(f"no validation images: {root!r} has no train/ and val/ folders "
                                f"and --val-path was not given")
-        val_s, val_classes = scan_image_folder(val_root)
+        # an empty class folder in the held-out split only means nothing of it is scored
+        val_s, val_classes = scan_image_folder(val_root, allow_empty_classes=True)
         if val_classes != classes:
             raise DatasetError(f"train and val class folders differ ({len(classes)} vs "
                                f"{len(val_classes)} classes)")
@@ -70,19 +96,23 @@ def build_datasets(cfg):
     if kind == "filelist":
         if not cfg.train_list or not cfg.val_list:
             raise DatasetError("dataset 'filelist' needs --train-list and --val-list")
-        train_s = read_file_list(_join(cfg.data_path, cfg.train_list), cfg.data_path)
-        val_s = read_file_list(_join(cfg.data_path, cfg.val_list), cfg.val_path or cfg.data_path)
-        nc = cfg.num_classes or 1 + max(max(s[1] for s in train_s), max(s[1] for s in val_s))
+        train_list = _join(cfg.data_path, cfg.train_list)
+        train_s = read_file_list(train_list, cfg.data_path, cfg.num_classes)
+        nc = cfg.num_classes or _contiguous_classes(train_s, train_list)
+        val_s = read_file_list(_join(cfg.data_path, cfg.val_list), cfg.val_path or cfg.data_path,
+                               nc)
         return (ImageFileDataset(train_s, True, **file_kw),
                 ImageFileDataset(val_s, False, **file_kw), nc)
     if kind == "webdataset":
         train = WebDatasetShards(cfg.data_path, True, **file_kw)
         if cfg.val_path:  # e.g. CC3M training evaluated on ImageNet val folders
-            val_s, classes = scan_image_folder(cfg.val_path)
+            val_s, classes = scan_image_folder(cfg.val_path, allow_empty_classes=True)
             val = ImageFileDataset(val_s, False, **file_kw)
             nc = cfg.num_classes or len(classes)
         else:
             val, nc = None, cfg.num_classes or 1000
+        check_labels([it[2] for it in train.items], nc, f"webdataset {cfg.data_path!r} .cls "
+                     f"labels", allow_unlabelled=True)
         return train, val, nc
     raise DatasetError(f"unknown dataset {kind!r}")
 

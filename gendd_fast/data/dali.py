@@ -230,36 +230,50 @@ class DaliLoader:
         self._epoch, self._skip = epoch, skip_batches
         if self.feed is not None and (self._it is None or skip_batches
                                       or epoch != self._next_epoch):
+            if self._it is None and (epoch or skip_batches):
+                # The feed keeps the sample order, but the rebuilt pipeline's crop and flip
+                # draws restart from the seed: not the uninterrupted run's augmentations.
+                notice(f"DALI: resuming at epoch {epoch + 1}, batch {skip_batches}; the data "
+                       f"order is kept but DALI's augmentation draws restart, so the run will "
+                       f"not match an uninterrupted one (the DataLoader path resumes exactly)")
             self._it = None  # the array feed restarts exactly at (epoch, skip)
         elif skip_batches:
             notice(f"DALI: resuming mid-epoch, skipping {skip_batches} batches of a new "
-                    f"shuffle (the DataLoader path resumes the exact order)")
+                   f"shuffle (the DataLoader path resumes the exact order)")
 
     def __len__(self):
         n = max(0, self.shard_size - self._skip * self.batch_size)
         return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
 
-    def __iter__(self):
+    def _batches(self):
         if self._it is None:
-            self._build()
+            self._build()  # decodes its first batches: a bad file can fail here already
         skip = 0 if self.feed is not None else self._skip
         self._skip = 0
+        for b, data in enumerate(self._it):
+            if b < skip:
+                continue
+            x, y = data[0]["images"], data[0]["labels"]
+            if x.shape[0] == 0:  # a padded shard's empty tail
+                continue
+            x = x.permute(0, 3, 1, 2)  # NHWC memory viewed as NCHW: channels-last, no copy
+            if x.device != self.device:
+                x = x.to(self.device, non_blocking=True)
+            yield x, y.view(-1).to(self.device, torch.int64, non_blocking=True)
+
+    def __iter__(self):
         try:
-            for b, data in enumerate(self._it):
-                if b < skip:
-                    continue
-                x, y = data[0]["images"], data[0]["labels"]
-                if x.shape[0] == 0:  # a padded shard's empty tail
-                    continue
-                x = x.permute(0, 3, 1, 2)  # NHWC memory viewed as NCHW: channels-last, no copy
-                if x.device != self.device:
-                    x = x.to(self.device, non_blocking=True)
-                yield x, y.view(-1).to(self.device, torch.int64, non_blocking=True)
+            yield from self._batches()
         except RuntimeError as e:
-            if self.files is None or "decod" not in str(e).lower():
+            # DALI's decoder errors ("nvImageCodec failure", nvJPEG, ...) name no file; any
+            # pipeline failure over image files is checked against the files before re-raising.
+            if self.files is None:
                 raise
+            self._it = None
             found = find_undecodable(self.files)
-            named = ", ".join(repr(p) for p in found) if found else "none found by Pillow"
+            if not found:
+                raise
+            named = ", ".join(repr(p) for p in found)
             raise BadImageError(f"DALI could not decode an image; undecodable files: {named}. "
                                 f"Remove them, or train with --skip-bad-images (DataLoader "
                                 f"path)") from e

@@ -22,12 +22,13 @@ from .transforms import pad_crop_flip, train_transform_pil, val_transform_pil
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 
 
-class BadImageError(RuntimeError):
-    """An image file that cannot be read or decoded."""
-
-
 class DatasetError(ValueError):
     """A dataset path or list that cannot be used as asked."""
+
+
+class BadImageError(DatasetError):
+    """An image file that cannot be read or decoded (a bad input: the CLI reports it in one
+    line, like every other data error)."""
 
 
 def _split_key(key):
@@ -90,6 +91,51 @@ def load_digits_arrays(seed: int = 0, size: int = 32, val_fraction: float = 0.2)
     return (images[~val_mask], labels[~val_mask]), (images[val_mask], labels[val_mask])
 
 
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Unpickles NumPy arrays, lists, dicts and plain values only: a CIFAR batch file is a dict of
+    those, and any other global (``os.system`` in a crafted file) is refused before it runs."""
+
+    def find_class(self, module, name):
+        fn = _CIFAR_GLOBALS.get(f"{module}.{name}")
+        if fn is None:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: a CIFAR file holds "
+                                         f"only NumPy arrays, lists and plain values")
+        return fn
+
+
+def _cifar_globals():
+    import codecs
+    try:
+        from numpy._core import multiarray, numeric
+    except ImportError:  # NumPy 1
+        from numpy.core import multiarray, numeric
+    allowed = {"numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype,
+               # protocol-2 pickles of bytes go through codecs.encode (a pure string function)
+               "_codecs.encode": codecs.encode}
+    for mod in ("numpy.core", "numpy._core"):  # NumPy 1 and 2 write different module names
+        allowed[f"{mod}.multiarray._reconstruct"] = multiarray._reconstruct
+        allowed[f"{mod}.numeric._frombuffer"] = numeric._frombuffer
+    return allowed
+
+
+_CIFAR_GLOBALS = _cifar_globals()
+
+
+def _load_cifar_pickle(path: str):
+    try:
+        with open(path, "rb") as fh:
+            entry = _ArraysOnlyUnpickler(fh, encoding="bytes").load()
+    except pickle.UnpicklingError as e:
+        raise DatasetError(f"CIFAR file {path!r} was not loaded: {e}") from None
+    except Exception as e:  # noqa: BLE001 - truncated or not a pickle at all
+        raise DatasetError(f"CIFAR file {path!r} could not be read ({type(e).__name__}: {e}); "
+                           f"it may be truncated or not a CIFAR python pickle") from None
+    for v in (entry.values() if isinstance(entry, dict) else ()):
+        if isinstance(v, np.ndarray) and v.dtype == object:
+            raise DatasetError(f"CIFAR file {path!r} holds an object array, not image data")
+    return entry
+
+
 def load_cifar_arrays(root: str, num_classes: int):
     """CIFAR-10/100 from the python pickle folder (``cifar-10-batches-py`` / ``cifar-100-python``
     or their parent)."""
@@ -111,9 +157,15 @@ def load_cifar_arrays(root: str, num_classes: int):
             if not os.path.isfile(path):
                 raise DatasetError(f"CIFAR-{num_classes} file {path!r} is missing (expected the "
                                    f"python version's pickles in {root!r})")
-            with open(path, "rb") as fh:
-                entry = pickle.load(fh, encoding="bytes")
-            xs.append(np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            entry = _load_cifar_pickle(path)
+            if not isinstance(entry, dict) or b"data" not in entry or key not in entry:
+                raise DatasetError(f"CIFAR-{num_classes} file {path!r} holds no {key!r} / "
+                                   f"b'data' entries; is it the right CIFAR version?")
+            data = np.asarray(entry[b"data"])
+            if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+                raise DatasetError(f"CIFAR file {path!r}: expected uint8 data of shape (N, 3072), "
+                                   f"got {data.dtype} {data.shape}")
+            xs.append(data.reshape(-1, 3, 32, 32))
             ys += list(entry[key])
         return np.concatenate(xs).transpose(0, 2, 3, 1).copy(), np.asarray(ys, dtype=np.int64)
 
@@ -131,29 +183,46 @@ def synthetic_arrays(n: int, num_classes: int, size: int, seed: int):
 
 
 # -- image files: class folders and 'path label' lists -----------------------------------------
-def scan_image_folder(root: str) -> Tuple[List[Tuple[str, int]], List[str]]:
+def scan_image_folder(root: str, allow_empty_classes: bool = False
+                      ) -> Tuple[List[Tuple[str, int]], List[str]]:
+    """(path, class index) for every image under ROOT/CLASS/..., classes in sorted order. A class
+    folder without images is an error unless allowed (training would build an output for a
+    class it never sees)."""
     if not root or not os.path.isdir(root):
         raise DatasetError(f"image folder {root!r} does not exist")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
     if not classes:
         raise DatasetError(f"image folder {root!r} has no class sub-folders")
-    samples = []
+    samples, empty = [], []
     for ci, c in enumerate(classes):
+        before = len(samples)
         for dirpath, _, files in sorted(os.walk(os.path.join(root, c), followlinks=True)):
             for f in sorted(files):
                 if f.lower().endswith(IMAGE_EXTENSIONS):
                     samples.append((os.path.join(dirpath, f), ci))
+        if len(samples) == before:
+            empty.append(c)
     if not samples:
         raise DatasetError(f"image folder {root!r} has no images (looked for "
                            f"{', '.join(IMAGE_EXTENSIONS)})")
+    if empty and not allow_empty_classes:
+        raise DatasetError(f"image folder {root!r}: class folder(s) "
+                           f"{', '.join(repr(c) for c in empty[:5])}"
+                           f"{' ...' if len(empty) > 5 else ''} hold no images; the model would "
+                           f"have an output for a class it never sees. Remove the empty folders "
+                           f"or add their images")
     return samples, classes
 
 
-def read_file_list(list_path: str, root: Optional[str]) -> List[Tuple[str, int]]:
-    """``relative/path.jpg label`` per line (ImageNet-LT style); blank lines ignored."""
+def read_file_list(list_path: str, root: Optional[str], num_classes: Optional[int] = None,
+                   check_files: bool = True) -> List[Tuple[str, int]]:
+    """``relative/path.jpg label`` per line (ImageNet-LT style); blank lines ignored.
+
+    Every problem is found here, before training, and named by ``list:line``: a label that is
+    negative or not below ``num_classes``, and (``check_files``) an image that does not exist."""
     if not list_path or not os.path.isfile(list_path):
         raise DatasetError(f"file list {list_path!r} does not exist")
-    samples = []
+    samples, lines = [], []
     with open(list_path) as fh:
         for n, line in enumerate(fh, 1):
             line = line.strip()
@@ -162,10 +231,38 @@ def read_file_list(list_path: str, root: Optional[str]) -> List[Tuple[str, int]]
             parts = line.rsplit(maxsplit=1)
             if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
                 raise DatasetError(f"{list_path}:{n}: expected 'path label', got {line!r}")
-            samples.append((os.path.join(root or "", parts[0]), int(parts[1])))
+            label = int(parts[1])
+            if label < 0:
+                raise DatasetError(f"{list_path}:{n}: label {label} is negative; labels are "
+                                   f"class indices 0, 1, ... ({line!r})")
+            if num_classes is not None and label >= num_classes:
+                raise DatasetError(f"{list_path}:{n}: label {label} is out of range for "
+                                   f"{num_classes} classes (valid 0..{num_classes - 1}): "
+                                   f"{line!r}")
+            samples.append((os.path.join(root or "", parts[0]), label))
+            lines.append(n)
     if not samples:
         raise DatasetError(f"file list {list_path!r} is empty")
+    if check_files:
+        missing = [(n, p) for n, (p, _) in zip(lines, samples) if not os.path.isfile(p)]
+        if missing:
+            named = "; ".join(f"{list_path}:{n}: {p!r}" for n, p in missing[:3])
+            raise DatasetError(f"{len(missing)} image(s) named in {list_path} do not exist, "
+                               f"e.g. {named}" + (f" (paths are relative to {root!r})"
+                                                  if root else ""))
     return samples
+
+
+def check_labels(labels, num_classes: int, source: str, allow_unlabelled: bool = False):
+    """Every label must be a class index below ``num_classes`` (-1 allowed for unlabelled data):
+    a bad one would otherwise surface as an IndexError somewhere mid-training."""
+    y = np.asarray(labels, dtype=np.int64)
+    lo = -1 if allow_unlabelled else 0
+    bad = np.flatnonzero((y < lo) | (y >= num_classes))
+    if len(bad):
+        i = int(bad[0])
+        raise DatasetError(f"{source}: label {int(y[i])} (item {i}, {len(bad)} bad in all) is out "
+                           f"of range for {num_classes} classes (valid 0..{num_classes - 1})")
 
 
 class ImageFileDataset(torch.utils.data.Dataset):

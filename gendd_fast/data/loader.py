@@ -11,11 +11,31 @@ sharded, resumable :class:`EpochSampler`; :mod:`gendd_fast.data.dali` is the GPU
 from __future__ import annotations
 
 import math
+import signal
 from typing import Iterator
 
 import torch
 
+from .datasets import BadImageError
 from .transforms import normalization_for
+
+
+def ignore_sigterm(_worker_id: int = 0):
+    """DataLoader ``worker_init_fn``: workers ignore SIGTERM. A pre-emption (``scancel``, a
+    Kubernetes eviction) signals the whole process group; workers that died first would make the
+    main process crash with "worker killed by signal" instead of saving. The main process stops
+    them itself once it has saved, and they exit on their own if it dies."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _worker_error_text(e: BaseException) -> str:
+    """The original message of an error re-raised from a DataLoader worker, whose text is
+    'Caught X in DataLoader worker process N. Original Traceback ...: X: message'."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return text
+    last = [ln for ln in text.strip().splitlines() if ln.strip()][-1]
+    return last.split(f"{type(e).__name__}: ", 1)[-1]
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -103,7 +123,8 @@ class TorchLoader:
             dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
             collate_fn=_Collate(), pin_memory=device.type == "cuda", drop_last=train,
             persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed),
-            prefetch_factor=4 if workers > 0 else None)
+            prefetch_factor=4 if workers > 0 else None,
+            worker_init_fn=ignore_sigterm if workers > 0 else None)
 
     def set_epoch(self, epoch: int, skip_batches: int = 0):
         self.sampler.set_epoch(epoch, skip_batches * self.batch_size)
@@ -114,7 +135,15 @@ class TorchLoader:
 
     def __iter__(self):
         self.bad_images = 0
-        for x, y, bad in self._loader:
+        it = iter(self._loader)
+        while True:
+            try:
+                x, y, bad = next(it)
+            except StopIteration:
+                return
+            except BadImageError as e:  # one line naming the file, not a worker's traceback
+                raise BadImageError(f"{_worker_error_text(e)}. Remove or replace the file, or "
+                                    f"train with --skip-bad-images") from None
             self.bad_images += bad
             if x is None:
                 continue
