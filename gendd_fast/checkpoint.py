@@ -350,6 +350,8 @@ def _plain(obj: Any, where: str, dropped: List[str]):
         return obj.detach().cpu()
     if isinstance(obj, np.ndarray) and obj.dtype != object:
         return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, np.generic):  # NumPy scalars (np.float64 is also a float) -> Python
+        return obj.item()
     if obj is None or isinstance(obj, (bool, int, float, str, bytes)):
         return obj
     if isinstance(obj, dict):  # OrderedDict state dicts come back as plain dicts

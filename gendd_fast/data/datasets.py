@@ -115,6 +115,7 @@ def _cifar_globals():
     for mod in ("numpy.core", "numpy._core"):  # NumPy 1 and 2 write different module names
         allowed[f"{mod}.multiarray._reconstruct"] = multiarray._reconstruct
         allowed[f"{mod}.numeric._frombuffer"] = numeric._frombuffer
+        allowed[f"{mod}.multiarray.scalar"] = multiarray.scalar  # NumPy scalars (labels)
     return allowed
 
 

@@ -11,7 +11,9 @@ sharded, resumable :class:`EpochSampler`; :mod:`gendd_fast.data.dali` is the GPU
 from __future__ import annotations
 
 import math
+import os
 import signal
+import threading
 from typing import Iterator
 
 import torch
@@ -21,11 +23,23 @@ from .transforms import normalization_for
 
 
 def ignore_sigterm(_worker_id: int = 0):
-    """DataLoader ``worker_init_fn``: workers ignore SIGTERM. A pre-emption (``scancel``, a
-    Kubernetes eviction) signals the whole process group; workers that died first would make the
-    main process crash with "worker killed by signal" instead of saving. The main process stops
-    them itself once it has saved, and they exit on their own if it dies."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """DataLoader ``worker_init_fn``: a worker outlives a SIGTERM sent to the whole process group
+    and dies only by its parent's. A pre-emption (``scancel``, a Kubernetes eviction) signals
+    every process of the job; workers that died first made the main process crash with "worker
+    killed by signal" instead of saving. But the parent itself also stops its workers with
+    SIGTERM (``Process.terminate`` at exit), so plain ``SIG_IGN`` would hang every exit that did
+    not shut the loader down first. The sender tells them apart: SIGTERM is blocked and taken by
+    a thread with ``sigwaitinfo``, which ends the worker only when the parent sent it."""
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def wait():
+        while True:
+            info = signal.sigwaitinfo({signal.SIGTERM})
+            if info.si_pid == parent or os.getppid() != parent:
+                os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=wait, name="sigterm-from-parent", daemon=True).start()
 
 
 def _worker_error_text(e: BaseException) -> str:
