@@ -286,8 +286,8 @@ def describe_newest_good(output: str) -> str:
     found = newest_good_checkpoint(output)
     if found is None:
         return f"no good checkpoint is on disk in {output}"
-    return (f"the newest good checkpoint on disk is {found[0]} (step {found[1]}); resume from "
-            f"it with --resume auto")
+    return (f"the newest good checkpoint on disk, {found[0]} (step {found[1]}), is untouched; "
+            f"resume from it with --resume {found[0]}")
 
 
 def repair_best(last_state: Dict[str, Any], output: str) -> Optional[str]:

@@ -107,6 +107,7 @@ class Config:
     seed: int = 0
     output: str = "runs/gendd"
     resume: Optional[str] = None     # PATH | auto
+    overwrite: bool = False          # allow a fresh run into a folder that holds a checkpoint
     log_interval: int = 20
     eval_every: int = 1              # epochs
     save_every: int = 0              # also save 'last' every N steps (0: once per epoch)
@@ -135,7 +136,7 @@ RUN_IDENTITY_EXCLUDED = {"output", "resume", "workers", "log_interval", "tensorb
                          "progress", "data_path", "val_path", "train_list", "val_list",
                          "max_steps", "save_every", "eval_batch_size", "sample_eval",
                          "eval_every", "data_backend", "skip_bad_images", "teacher_checkpoint",
-                         "init", "compile", "opt_impl"}
+                         "init", "compile", "opt_impl", "overwrite"}
 
 
 def config_diff(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
@@ -275,6 +276,8 @@ FLAG_GROUPS = [
         "seed": "random seed (each rank adds its rank)",
         "output": "folder for checkpoints, metrics.jsonl and curves",
         "resume": "checkpoint to resume from, or 'auto' for OUTPUT/last.pt when it exists",
+        "overwrite": "start a fresh run even if OUTPUT already holds a checkpoint (it is "
+                     "replaced); without it such a run is refused",
         "log_interval": "steps between progress lines and metric records",
         "eval_every": "evaluate every N epochs (and after the last)",
         "save_every": "also save 'last' every N steps (0: once per epoch)",

@@ -64,7 +64,7 @@ def run_demo(output: str = os.path.join("runs", "digits-demo"), epochs: int = 12
         st = dict(st)
         name, row = st.pop("name"), st.pop("row")
         cfg = make_config(**{**common, **st, "output": os.path.join(output, name),
-                             "progress": not quiet})
+                             "progress": not quiet, "overwrite": True})  # a rerun replaces it
         notice(f"--- {name}: python -m gendd_fast.train " + " ".join(
             f"--{k.replace('_', '-')} {v if not isinstance(v, list) else ' '.join(map(str, v))}"
             for k, v in {**common, **st}.items() if k not in ("plot", "progress")))

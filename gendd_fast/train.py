@@ -25,7 +25,7 @@ from . import checkpoint as ckpt_io
 from .build import build_method, configure_sampler, sampling_kwargs
 from .config import Config, config_diff
 from .data import build_loaders
-from .distributed import (all_gather_object, all_reduce_max, barrier, broadcast_object,
+from .distributed import (all_gather_object, all_reduce_max, any_rank, broadcast_object,
                           init_distributed, shutdown)
 from .evaluate import evaluate
 from .logs import MetricsLog, Progress, fmt_time, plot_curves
@@ -57,7 +57,7 @@ class Trainer:
         self.cfg = cfg
         self.results: Dict = {}
         self.stop = {"signal": None}                  # set by the SIGTERM handler
-        self.last_good = {"path": None, "step": None}  # newest checkpoint this run wrote
+        self.stopping = False                         # the stop all ranks agreed on
         self.epoch, self.start_step, self.global_step = 0, 0, 0
         self.best = {"top1": -1.0, "epoch": -1}
         self.resumed_from: Optional[str] = None
@@ -74,7 +74,7 @@ class Trainer:
                 break
             self.evaluate_and_save()
             self.epoch += 1
-            finished = self.global_step >= self.total_steps or self.stop["signal"] is not None
+            finished = self.global_step >= self.total_steps or self.stop_agreed()
         self.final_evaluation()
         return self.clean_up()
 
@@ -83,6 +83,7 @@ class Trainer:
         self.env = env = init_distributed(self.cfg.device)
         self.cfg = cfg = self.cfg.resolved()
         self.device, self.main_rank = env.device, env.is_main
+        self.guard_output()
         self.amp = resolve_amp(cfg.amp, self.device)
         torch.manual_seed(cfg.seed + env.rank)  # ranks draw different t, noise and dropout
         torch.backends.cudnn.benchmark = True
@@ -100,9 +101,35 @@ class Trainer:
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
 
+    def guard_output(self):
+        """Before anything is built: refuse a fresh run over a folder's checkpoint (one decision,
+        rank 0's, for every rank) and remove temporary files of writes that were killed."""
+        cfg = self.cfg
+        fresh = ckpt_io.resume_path(cfg.resume, cfg.output) is None
+        why = ckpt_io.fresh_run_refusal(cfg.output, cfg.overwrite) \
+            if fresh and self.main_rank else None
+        why = broadcast_object(why)
+        if why:
+            raise ckpt_io.CheckpointError(why)
+        if self.main_rank:
+            if fresh and cfg.overwrite and ckpt_io.existing_checkpoint(cfg.output):
+                # the old run's best.pt would otherwise pass for this run's
+                for name in ckpt_io.CHECKPOINT_NAMES:
+                    if os.path.isfile(os.path.join(cfg.output, name)):
+                        os.remove(os.path.join(cfg.output, name))
+                notice(f"--overwrite: removed the checkpoints of the previous run in {cfg.output}")
+            gone = ckpt_io.remove_stale_temps(cfg.output)
+            if gone:
+                notice(f"removed {len(gone)} temporary file(s) of interrupted checkpoint "
+                       f"writes in {cfg.output}")
+
     # -- resume ---------------------------------------------------------------------------------
     def resume(self):
         cfg = self.cfg
+        # The teacher's identity is its content: resuming with another teacher file is refused.
+        self.teacher_id = broadcast_object(
+            ckpt_io.file_identity(cfg.teacher_checkpoint)
+            if self.main_rank and self.teacher is not None and cfg.teacher_checkpoint else None)
         path = ckpt_io.resume_path(cfg.resume, cfg.output)
         if cfg.resume == "auto" and path is None and self.main_rank:
             notice(f"--resume auto: no checkpoint in {cfg.output}; starting fresh")
@@ -118,6 +145,9 @@ class Trainer:
             raise ckpt_io.CheckpointError(
                 f"cannot resume from {path}: written by {state['world_size']} process(es), "
                 f"this run has {self.env.world} (batch composition would change)")
+        why = ckpt_io.teacher_mismatch(state.get("teacher"), self.teacher_id, path)
+        if why:
+            raise ckpt_io.CheckpointError(why)
         self.distiller.load_state_dict(ckpt_io.join_state(state))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -129,6 +159,12 @@ class Trainer:
         if self.main_rank:
             notice(f"resumed from {path} at epoch {self.epoch + 1}, step {self.start_step} "
                    f"(global step {self.global_step})")
+            try:
+                repaired = ckpt_io.repair_best(state, cfg.output)
+            except ckpt_io.CheckpointError as e:  # e.g. disk full: best.pt is not vital
+                repaired = f"best.pt is stale and could not be rewritten ({e})"
+            if repaired:
+                notice(repaired)
 
     # -- what the loop needs: DDP, logs, autocast, sampler, signals -------------------------------
     def prepare_loop(self):
@@ -174,6 +210,15 @@ class Trainer:
         except ValueError:  # not the main thread (e.g. called from a notebook worker)
             pass
 
+    def stop_agreed(self) -> bool:
+        """Whether to stop, decided for all ranks at once (an all-reduce of the stop flags):
+        a SIGTERM that reached any rank stops every rank. A rank reading only its own flag
+        leaves the others waiting in a collective. Every rank calls this at the same points."""
+        if not self.stopping and any_rank(self.stop["signal"] is not None, self.device):
+            self.stopping = True
+            self.stop["signal"] = self.stop["signal"] or signal.SIGTERM
+        return self.stopping
+
     # -- one epoch of training ------------------------------------------------------------------
     def train_epoch(self) -> bool:
         """Train from the current position to the end of the epoch, ``max_steps`` or a signal.
@@ -193,7 +238,7 @@ class Trainer:
             stop_now = False
             if self.global_step % self.check_every == 0:
                 self.check_finite()
-                stop_now = broadcast_object(self.stop["signal"]) is not None
+                stop_now = self.stop_agreed()
             if step % cfg.log_interval == 0 or step == spe:
                 vals = {k: float(v) / n_steps for k, v in sums.items()}
                 img_s = n_seen * self.env.world / max(time.time() - t_last, 1e-9)
@@ -244,9 +289,7 @@ class Trainer:
         """Stop on a NaN/Inf loss before anything is saved from the bad state."""
         flag = all_reduce_max(self.bad_step.clone())
         if int(flag) >= 0:
-            lg = self.last_good
-            where = (f"the last good checkpoint, {lg['path']} (step {lg['step']}), is untouched"
-                     if lg["path"] else "no checkpoint had been written yet")
+            where = ckpt_io.describe_newest_good(self.cfg.output)
             raise NonFiniteLoss(f"loss became NaN/Inf at step {int(flag)} (epoch "
                                 f"{self.epoch + 1}); training stopped and {where}. Lower --lr, "
                                 f"use --amp bf16 or off, or --clip-grad.")
@@ -281,24 +324,41 @@ class Trainer:
                 "schedule": self.schedule.state_dict(), "epoch": epoch,
                 "step_in_epoch": step_in_epoch, "global_step": self.global_step, "rng": rngs,
                 "world_size": len(rngs), "config": dataclasses.asdict(self.cfg),
-                "best": self.best}
+                "best": self.best, "teacher": self.teacher_id}
 
     def save(self, epoch: int, step_in_epoch: int, is_best: bool = False):
         rngs = all_gather_object(ckpt_io.rng_state())
+        state = self.checkpoint_state(epoch, step_in_epoch, rngs) if self.main_rank else None
+        # The loss can stay finite while weights or BatchNorm statistics are already Inf: check
+        # everything that would be written, and write nothing bad (one decision for all ranks).
+        bad = broadcast_object(ckpt_io.nonfinite_names({**state["model"], **state["extra"]})
+                               if self.main_rank else None)
+        if bad:
+            raise NonFiniteLoss(f"the model holds NaN/Inf values ({', '.join(bad)}) at step "
+                                f"{self.global_step} (epoch {self.epoch + 1}); it was not saved "
+                                f"and {ckpt_io.describe_newest_good(self.cfg.output)}. Lower "
+                                f"--lr, use --amp bf16 or off, or --clip-grad.")
+        failed = None
         if self.main_rank:
-            state = self.checkpoint_state(epoch, step_in_epoch, rngs)
-            last = os.path.join(self.cfg.output, "last.pt")
-            ckpt_io.atomic_save(state, last)
-            if is_best:
-                ckpt_io.atomic_save(state, os.path.join(self.cfg.output, "best.pt"))
-            self.last_good.update(path=last, step=self.global_step)
-        barrier()
+            try:
+                ckpt_io.atomic_save(state, os.path.join(self.cfg.output, "last.pt"))
+                if is_best:
+                    ckpt_io.atomic_save(state, os.path.join(self.cfg.output, "best.pt"))
+            except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+                failed = e
+        # rank 0's outcome for all (also the barrier): a failed write must not leave the other
+        # ranks waiting in their next collective
+        why = broadcast_object(f"{type(failed).__name__}: {failed}" if failed else None)
+        if failed is not None:
+            raise failed
+        if why:
+            raise ckpt_io.CheckpointError(f"rank 0 could not save the checkpoint ({why})")
 
     def final_evaluation(self):
         """GenDD with ``--sample-eval end``: evaluate by sampling once training has finished."""
         cfg = self.cfg
         if not (hasattr(self.distiller, "diffloss") and cfg.sample_eval == "end"
-                and self.loaders.val is not None and self.stop["signal"] is None
+                and self.loaders.val is not None and not self.stop_agreed()
                 and self.epoch >= cfg.epochs):
             return
         t0 = time.time()

@@ -393,3 +393,216 @@ def test_teacher_identity(tmp_path):
     assert ckpt_io.teacher_mismatch(ia, ckpt_io.file_identity(a), "last.pt") is None
     msg = ckpt_io.teacher_mismatch(ia, ib, "last.pt")
     assert "cannot resume from last.pt" in msg and ia["sha256"][:12] in msg
+
+
+# -- 2. multi-process: a signal to any rank stops all; SIGTERM to the launcher exits 0 ------------
+def _torchrun_cmd(out, launcher="torch.distributed.run"):
+    return [sys.executable, "-m", launcher, "--standalone", "--nproc_per_node", "2",
+            "-m", "gendd_fast.train", "--method", "ce", "--dataset", "synthetic",
+            "--synthetic-size", "64", "--num-classes", "4", "--image-size", "16",
+            "--batch-size", "8", "--epochs", "500", "--student", "resnet8", "--workers", "0",
+            "--device", "cpu", "--log-interval", "1", "--no-plot", "--no-progress",
+            "--output", str(out)]
+
+
+def _rank_pids(launcher_pid):
+    """{rank: pid} of the launcher's children (Linux /proc)."""
+    pids = {}
+    for task in os.listdir(f"/proc/{launcher_pid}/task"):
+        with open(f"/proc/{launcher_pid}/task/{task}/children") as fh:
+            for pid in map(int, fh.read().split()):
+                try:
+                    env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+                except OSError:
+                    continue
+                for kv in env:
+                    if kv.startswith(b"RANK="):
+                        pids[int(kv[5:])] = pid
+    return pids
+
+
+def _signal_when_training(cmd, out, target, tmp_path):
+    """Start ``cmd``; once it has logged a few steps, SIGTERM ``target(proc)``; return
+    (returncode, stderr). A hang fails the test at the timeout instead of hanging CI."""
+    log = open(tmp_path / "stderr.txt", "w+")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=_env(),
+                            start_new_session=True)
+    metrics = out / "metrics.jsonl"
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and (not metrics.exists()
+                                          or len(metrics.read_text().splitlines()) < 4):
+            assert proc.poll() is None, open(tmp_path / "stderr.txt").read()[-3000:]
+            time.sleep(0.2)
+        os.kill(target(proc), signal.SIGTERM)
+        rc = proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        rc = "hung"
+    finally:
+        if proc.poll() is None:  # the launcher and its ranks: everything of this session
+            os.killpg(proc.pid, signal.SIGKILL)
+            for pid in _rank_pids(proc.pid).values() if os.path.exists(f"/proc/{proc.pid}") \
+                    else ():
+                os.kill(pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    log.seek(0)
+    return rc, log.read()
+
+
+def test_sigterm_to_one_rank_stops_every_rank(tmp_path):
+    """One node pre-empted: only rank 1 gets SIGTERM. All ranks must stop at the same step,
+    rank 0 saves, and the job exits 0 (it hung in a collective)."""
+    out = tmp_path / "run"
+    rc, err = _signal_when_training(_torchrun_cmd(out), out, lambda p: _rank_pids(p.pid)[1],
+                                    tmp_path)
+    assert rc == 0, err[-3000:]
+    state = ckpt_io.read_checkpoint(str(out / "last.pt"))
+    assert state["global_step"] >= 4 and state["world_size"] == 2
+
+
+def test_sigterm_to_the_launcher_exits_0(tmp_path):
+    out = tmp_path / "run"
+    rc, err = _signal_when_training(_torchrun_cmd(out, "gendd_fast.launch"), out,
+                                    lambda p: p.pid, tmp_path)
+    assert rc == 0, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    state = ckpt_io.read_checkpoint(str(out / "last.pt"))
+    assert state["global_step"] >= 4 and state["step_in_epoch"] > 0  # saved where it stopped
+
+
+# -- 3. a fresh run never overwrites a folder's checkpoint silently ------------------------------
+def test_fresh_run_into_a_checkpoint_folder_is_refused(tmp_path):
+    import dataclasses
+
+    from gendd_fast.train import train
+    cfg = tiny_config(tmp_path, "ce", epochs=1)
+    train(cfg)
+    last = os.path.join(cfg.output, "last.pt")
+    before = ckpt_io.read_checkpoint(last)["global_step"]
+    metrics = open(os.path.join(cfg.output, "metrics.jsonl")).read()
+    again = dataclasses.replace(cfg, max_steps=1)
+    with pytest.raises(ckpt_io.CheckpointError, match=r"already holds a checkpoint \(last.pt\).*"
+                                                      r"--resume auto.*--output.*--overwrite"):
+        train(again)
+    assert ckpt_io.read_checkpoint(last)["global_step"] == before
+    assert open(os.path.join(cfg.output, "metrics.jsonl")).read() == metrics
+    train(dataclasses.replace(again, overwrite=True))
+    assert ckpt_io.read_checkpoint(last)["global_step"] == 1
+    assert not os.path.exists(os.path.join(cfg.output, "best.pt"))  # the old run's is gone
+
+
+def test_fresh_run_refusal_on_the_cli(tmp_path):
+    out = tmp_path / "run"
+    ckpt_io.atomic_save({"model": {}}, str(out / "best.pt"))
+    r = subprocess.run([sys.executable, "-m", "gendd_fast.train", "--method", "ce", "--dataset",
+                        "synthetic", "--output", str(out), "--device", "cpu"],
+                       capture_output=True, text=True, timeout=120, env=_env())
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"error: output folder {str(out)!r} already holds a checkpoint (best.pt)" in r.stderr
+
+
+# -- 5. non-finite weights or buffers are never saved; the message names what is on disk -------
+def test_infinite_batchnorm_statistics_are_not_saved(tmp_path, monkeypatch):
+    """A huge lr makes BatchNorm running variances Inf while the training loss (which uses batch
+    statistics) stays finite: the guard must look at buffers too, and save nothing bad."""
+    from gendd_fast.distill import CE
+    from gendd_fast.train import NonFiniteLoss, train
+    calls = {"n": 0}
+    real = CE.forward
+
+    def poisoned(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 6:  # epoch 2 of 4-step epochs
+            bn = next(m for m in self.modules() if isinstance(m, torch.nn.BatchNorm2d))
+            bn.running_var.fill_(float("inf"))
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(CE, "forward", poisoned)
+    cfg = tiny_config(tmp_path, "ce", epochs=3)
+    with pytest.raises(NonFiniteLoss, match=r"running_var.*it was not saved and the newest good "
+                                            r"checkpoint on disk, .*last.pt \(step 4\)"):
+        train(cfg)
+    state = ckpt_io.read_checkpoint(os.path.join(cfg.output, "last.pt"))
+    assert state["global_step"] == 4
+    assert not ckpt_io.nonfinite_names({**state["model"], **state["extra"]})
+
+
+def test_nan_message_names_a_checkpoint_an_earlier_process_wrote(tmp_path, monkeypatch):
+    import dataclasses
+
+    from gendd_fast.distill import CE
+    from gendd_fast.train import NonFiniteLoss, train
+    cfg = tiny_config(tmp_path, "ce", epochs=2, max_steps=4)
+    train(cfg)  # an earlier process: last.pt at step 4
+    real = CE.forward
+    monkeypatch.setattr(CE, "forward",
+                        lambda self, *a, **kw: (lambda lp: (lp[0] * float("nan"), lp[1]))(
+                            real(self, *a, **kw)))
+    with pytest.raises(NonFiniteLoss) as e:
+        train(dataclasses.replace(cfg, max_steps=0, resume="auto"))
+    assert "no checkpoint had been written" not in str(e.value)
+    assert "last.pt (step 4), is untouched" in str(e.value)
+
+
+# -- 6. best.pt is repaired on resume; temporary files of killed writes go ------------------------
+def test_stale_best_is_rewritten_on_resume_and_temps_removed(tmp_path, monkeypatch):
+    import dataclasses
+
+    from gendd_fast.train import train
+    cfg = tiny_config(tmp_path, "ce", epochs=3, lr=1e-2)
+    real = ckpt_io.atomic_save
+    writes = {"best": 0}
+
+    class Killed(BaseException):
+        pass
+
+    def killed_during_second_best(obj, path):
+        if path.endswith("best.pt"):
+            writes["best"] += 1
+            if writes["best"] == 2:  # the process dies while writing best.pt a second time
+                open(os.path.join(os.path.dirname(path), ".best.pt.dead.tmp"), "wb").close()
+                raise Killed()
+        return real(obj, path)
+
+    monkeypatch.setattr(ckpt_io, "atomic_save", killed_during_second_best)
+    # make every evaluation a new best, so epoch 2 writes best.pt again
+    from gendd_fast import train as train_mod
+    top = iter(range(10, 100, 10))
+    monkeypatch.setattr(train_mod, "evaluate",
+                        lambda *a, **kw: {"top1": float(next(top)), "top5": 100.0, "n": 1})
+    with pytest.raises(Killed):
+        train(cfg)
+    monkeypatch.setattr(ckpt_io, "atomic_save", real)
+    out = cfg.output
+    last = ckpt_io.read_checkpoint(os.path.join(out, "last.pt"))
+    assert last["best"]["epoch"] == 2
+    assert ckpt_io.read_checkpoint(os.path.join(out, "best.pt"))["best"]["epoch"] == 1  # stale
+    assert os.path.exists(os.path.join(out, ".best.pt.dead.tmp"))
+    train(dataclasses.replace(cfg, resume="auto", max_steps=last["global_step"]))
+    best = ckpt_io.read_checkpoint(os.path.join(out, "best.pt"))
+    assert best["best"]["epoch"] == 2 and best["global_step"] == last["global_step"]
+    for k, v in last["model"].items():
+        assert torch.equal(best["model"][k], v)
+    assert not os.path.exists(os.path.join(out, ".best.pt.dead.tmp"))
+
+
+# -- 8. resuming with another teacher file is refused ---------------------------------------------
+def test_resume_with_a_different_teacher_is_refused(tmp_path):
+    import dataclasses
+
+    from gendd_fast.train import train
+    (tmp_path / "t1").mkdir()
+    (tmp_path / "t2").mkdir()
+    t1, _ = save_teacher(tmp_path / "t1", seed=0)
+    t2, _ = save_teacher(tmp_path / "t2", seed=1)
+    cfg = tiny_config(tmp_path, "kd", t1, epochs=2, max_steps=2)
+    train(cfg)
+    with pytest.raises(ckpt_io.CheckpointError, match=r"trained with the teacher checkpoint "
+                                                      r"'teacher_resnet8.pt'.*sha256"):
+        train(dataclasses.replace(cfg, teacher_checkpoint=t2, resume="auto", max_steps=3))
+    # the same teacher under another path (a moved run) is fine
+    moved = tmp_path / "moved.pt"
+    moved.write_bytes(open(t1, "rb").read())
+    res = train(dataclasses.replace(cfg, teacher_checkpoint=str(moved), resume="auto",
+                                    max_steps=3))
+    assert res["global_step"] == 3
