@@ -110,13 +110,17 @@ def atomic_save(obj: Any, path: str):
         pass
 
 
-def _unsafe_message(path: str, what: str) -> str:
+def _unsafe_globals(path: str) -> List[str]:
+    """The globals a torch zip file would import, found without unpickling anything."""
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:  # noqa: BLE001 - a legacy (non-zip) file cannot be scanned without loading
-        names = []
+        return []
     allowed = {n for _, n in SAFE_GLOBALS}
-    names = [n for n in names if n not in allowed]
+    return [n for n in names if n not in allowed]
+
+
+def _unsafe_message(path: str, what: str, names: List[str]) -> str:
     held = f" ({', '.join(names[:6])}{', ...' if len(names) > 6 else ''})" if names else ""
     return (f"{what} {path!r} holds Python objects other than tensors and plain containers"
             f"{held}; unpickling them could run arbitrary code, so it was not loaded. If you "
@@ -134,8 +138,9 @@ def read_checkpoint(path: str, what: str = "checkpoint") -> Dict[str, Any]:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower() or "weights_only" in str(e).lower():
-            raise UnsafeCheckpointError(_unsafe_message(path, what)) from None
+        names = _unsafe_globals(path)
+        if names or "unsupported global" in str(e).lower():
+            raise UnsafeCheckpointError(_unsafe_message(path, what, names)) from None
         raise CheckpointError(f"{what} {path!r} could not be read ({type(e).__name__}: {e}); "
                               f"it may be truncated or not a torch checkpoint") from e
     except Exception as e:  # noqa: BLE001 - truncated, foreign, or not a torch file

@@ -237,12 +237,27 @@ def test_disk_full_during_training(tmp_path, monkeypatch):
 
 
 # -- 8. corrupt images: named, on every path ------------------------------------------------------
-@pytest.mark.parametrize("workers", [0, 1])
-def test_corrupt_jpeg_on_torch_path_is_one_line(tmp_path, workers):
+def test_corrupt_jpeg_in_the_main_process_is_named(tmp_path):
+    from gendd_fast.data import build_loaders
     data = _image_folder(tmp_path / "data")
     with open(os.path.join(data, "train", "a", "zz_broken.jpg"), "wb") as fh:
         fh.write(b"\xff\xd8\xff\xe0 this is not a jpeg")
-    cmd = _folder_cmd(data, str(tmp_path / "run"), "--epochs", "1", "--workers", str(workers))
+    cfg = make_config(method="ce", dataset="imagefolder", data_path=data, image_size=16,
+                      batch_size=4, workers=0, device="cpu").resolved()
+    loaders = build_loaders(cfg, 0, 1, torch.device("cpu"))
+    loaders.train.set_epoch(0)
+    with pytest.raises(BadImageError, match=r"cannot decode image .*zz_broken.jpg.*"
+                                            r"--skip-bad-images"):
+        list(loaders.train)
+
+
+def test_corrupt_jpeg_in_a_worker_is_one_line(tmp_path):
+    """Through a DataLoader worker the error used to arrive wrapped in the worker's traceback,
+    and the CLI printed a raw traceback."""
+    data = _image_folder(tmp_path / "data")
+    with open(os.path.join(data, "train", "a", "zz_broken.jpg"), "wb") as fh:
+        fh.write(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    cmd = _folder_cmd(data, str(tmp_path / "run"), "--epochs", "1", "--workers", "1")
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=_env())
     assert r.returncode == 2, r.stderr[-3000:]
     err = r.stderr.strip().splitlines()[-1]
@@ -495,7 +510,9 @@ def test_fresh_run_refusal_on_the_cli(tmp_path):
     out = tmp_path / "run"
     ckpt_io.atomic_save({"model": {}}, str(out / "best.pt"))
     r = subprocess.run([sys.executable, "-m", "gendd_fast.train", "--method", "ce", "--dataset",
-                        "synthetic", "--output", str(out), "--device", "cpu"],
+                        "synthetic", "--output", str(out), "--device", "cpu", "--epochs", "1",
+                        "--max-steps", "1", "--synthetic-size", "16", "--batch-size", "8",
+                        "--image-size", "16", "--no-plot", "--no-progress"],
                        capture_output=True, text=True, timeout=120, env=_env())
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert f"error: output folder {str(out)!r} already holds a checkpoint (best.pt)" in r.stderr

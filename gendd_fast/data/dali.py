@@ -196,6 +196,9 @@ def find_undecodable(paths: Sequence[str], limit: int = 20) -> List[str]:
     return found[:limit]
 
 
+_DECODE_WORDS = ("decod", "codec", "nvjpeg", "jpeg", "image")
+
+
 class DaliLoader:
     """A DALI pipeline behind the trainer's loader interface.
 
@@ -265,9 +268,10 @@ class DaliLoader:
         try:
             yield from self._batches()
         except RuntimeError as e:
-            # DALI's decoder errors ("nvImageCodec failure", nvJPEG, ...) name no file; any
-            # pipeline failure over image files is checked against the files before re-raising.
-            if self.files is None:
+            # DALI's decoder errors ("nvImageCodec failure", nvJPEG, ...) name no file: look for
+            # the culprit with Pillow (a full scan, so only for errors about decoding images).
+            text = str(e).lower()
+            if self.files is None or not any(w in text for w in _DECODE_WORDS):
                 raise
             self._it = None
             found = find_undecodable(self.files)
