@@ -8,10 +8,13 @@ A training checkpoint is one ``torch.save`` dict:
   ``teacher_fc.*``, with the public code's names);
 - ``optimizer``, ``scaler``, ``schedule``; ``epoch`` and ``step_in_epoch`` (where to continue),
   ``global_step``; ``rng`` (every rank's Python, NumPy, torch and CUDA generator states);
-  ``config`` (the resolved config) and ``best``.
+  ``config`` (the resolved config), ``best`` and ``teacher`` (the teacher file's name, size and
+  SHA-256, so a resume with another teacher is refused).
 
 Files are written to a temporary name in the same folder, flushed to disk, then renamed over the
-target: a reader sees the old file or the new one, never half of one.
+target: a reader sees the old file or the new one, never half of one. Files are read with
+``weights_only=True``: tensors, plain containers and the NumPy pieces of the RNG state, nothing
+that could run code (teacher files are routinely downloaded).
 """
 from __future__ import annotations
 
@@ -226,6 +229,10 @@ def fresh_run_refusal(output: str, overwrite: bool) -> Optional[str]:
     found = existing_checkpoint(output)
     if found is None or overwrite:
         return None
+    if os.path.basename(found) == "best.pt":  # no last.pt: nothing that --resume auto would use
+        return (f"output folder {output!r} already holds a checkpoint (best.pt, but no last.pt "
+                f"to resume from); a fresh run would overwrite it. Choose another --output, or "
+                f"pass --overwrite to replace it")
     return (f"output folder {output!r} already holds a checkpoint ({os.path.basename(found)}); "
             f"a fresh run would overwrite it. Continue that run with --resume auto, choose "
             f"another --output, or pass --overwrite to replace it")

@@ -30,6 +30,8 @@ def ignore_sigterm(_worker_id: int = 0):
     SIGTERM (``Process.terminate`` at exit), so plain ``SIG_IGN`` would hang every exit that did
     not shut the loader down first. The sender tells them apart: SIGTERM is blocked and taken by
     a thread with ``sigwaitinfo``, which ends the worker only when the parent sent it."""
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: no sender information; keep the default
+        return
     parent = os.getppid()
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
