@@ -410,7 +410,7 @@ def test_teacher_identity(tmp_path):
     assert "cannot resume from last.pt" in msg and ia["sha256"][:12] in msg
 
 
-# -- 2. multi-process: a signal to any rank stops all; SIGTERM to the launcher exits 0 ------------
+# -- 2. multi-process: a signal to any rank stops all; SIGTERM to torchrun saves -------------------
 def _torchrun_cmd(out, launcher="torch.distributed.run"):
     return [sys.executable, "-m", launcher, "--standalone", "--nproc_per_node", "2",
             "-m", "gendd_fast.train", "--method", "ce", "--dataset", "synthetic",
@@ -475,14 +475,16 @@ def test_sigterm_to_one_rank_stops_every_rank(tmp_path):
     assert state["global_step"] >= 4 and state["world_size"] == 2
 
 
-def test_sigterm_to_the_launcher_exits_0(tmp_path):
+def test_sigterm_to_torchrun_saves_a_resumable_checkpoint(tmp_path):
+    """Pre-emption that signals torchrun itself: torchrun forwards SIGTERM to every rank, the
+    ranks agree to stop, save and exit 0. torchrun then reports the signal with its own non-zero
+    exit status (its convention; we use torchrun as it is, with no launcher of our own)."""
     out = tmp_path / "run"
-    rc, err = _signal_when_training(_torchrun_cmd(out, "gendd_fast.launch"), out,
-                                    lambda p: p.pid, tmp_path)
-    assert rc == 0, err[-3000:]
-    assert "Traceback" not in err, err[-3000:]
+    rc, err = _signal_when_training(_torchrun_cmd(out), out, lambda p: p.pid, tmp_path)
+    assert rc != "hung", err[-3000:]
     state = ckpt_io.read_checkpoint(str(out / "last.pt"))
     assert 4 <= state["global_step"] < 2000  # saved where it stopped, long before the end
+    assert state["world_size"] == 2
 
 
 # -- 3. a fresh run never overwrites a folder's checkpoint silently ------------------------------
