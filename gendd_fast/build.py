@@ -6,11 +6,11 @@ from typing import Dict
 
 import torch
 
-from . import checkpoint as ckpt_io
 from .config import Config
 from .distill import Teacher, build_distiller
-from .models import create_model, load_checkpoint_weights
+from .models import create_model
 from .notice import notice
+from .public_checkpoint import load_student_weights, load_teacher_weights
 
 
 def choose_head(cfg: Config, device: torch.device):
@@ -38,11 +38,11 @@ def build_method(cfg: Config, num_classes: int, device: torch.device, teacher_we
             if not cfg.teacher_checkpoint:
                 raise ValueError(f"method {cfg.method!r} needs --teacher-checkpoint (a teacher "
                                  f"trained with --method ce, or a {{'model': state_dict}} file)")
-            load_checkpoint_weights(cfg.teacher_checkpoint, tmodel, "teacher")
+            load_teacher_weights(cfg.teacher_checkpoint, tmodel, "teacher")
         teacher = Teacher(tmodel).to(device)
     student = create_model(cfg.student, num_classes)
     if cfg.init:
-        notice(ckpt_io.load_student_weights(cfg.init, student))
+        notice(load_student_weights(cfg.init, student))
     head_cls = choose_head(cfg, device) if cfg.method == "gendd" else None
     distiller = build_distiller(cfg, student, teacher.model if teacher else None, head_cls)
     distiller = distiller.to(device)

@@ -137,7 +137,17 @@ def format_results(results: Dict, draws: int = 1, selected_by: str = "top1") -> 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m gendd_fast.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a checkpoint written by the trainer")
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint written by the trainer, or by the public GenDD code (then "
+                        "give the run's recipe with --config, or --student/--teacher/--dataset)")
+    p.add_argument("--config", action="append", default=[],
+                   help="public checkpoints only: the recipe the run used (repeatable)")
+    p.add_argument("--student", default=None, help="public checkpoints only: student model")
+    p.add_argument("--teacher", default=None, help="public checkpoints only: teacher model")
+    p.add_argument("--dataset", default=None, help="public checkpoints only: dataset kind")
+    p.add_argument("--train-list", default=None,
+                   help="training file list (class counts for the many/medium/few-shot split)")
+    p.add_argument("--shot-split", default=None, choices=["auto", "on", "off"])
     p.add_argument("--data-path", default=None)
     p.add_argument("--val-path", default=None)
     p.add_argument("--val-list", default=None)
@@ -158,22 +168,29 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     from .build import build_method, configure_sampler, sampling_kwargs
+    from .public_checkpoint import as_trainer_checkpoint, read_public
     from .checkpoint import join_state, read_checkpoint
     from .config import Config, validate
     from .data import build_loaders
     from .distributed import init_distributed
 
-    ckpt = read_checkpoint(args.checkpoint)
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
-        raise SystemExit(f"error: {args.checkpoint!r} is not a gendd_fast training checkpoint "
-                         f"(no 'config'/'model')")
     fields = {f.name for f in dataclasses.fields(Config)}
-    cfg = Config(**{k: v for k, v in ckpt["config"].items() if k in fields})
+    public = read_public(args.checkpoint)
+    if public is not None:
+        cfg, ckpt = _public_config(args, public), as_trainer_checkpoint(public)
+    else:
+        ckpt = read_checkpoint(args.checkpoint)
+        if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+            raise SystemExit(f"error: {args.checkpoint!r} is neither a gendd_fast training "
+                             f"checkpoint (no 'config'/'model') nor one of the public GenDD code "
+                             f"(no 'model.*' student keys)")
+        cfg = Config(**{k: v for k, v in ckpt["config"].items() if k in fields})
     over = {"data_path": args.data_path, "val_path": args.val_path, "val_list": args.val_list,
             "sampling_steps": args.sampling_steps, "ddim_steps": args.ddim_steps,
             "cfg": args.cfg, "temperature": args.temperature, "num_sampling": args.num_sampling,
             "eval_batch_size": args.batch_size, "amp": args.amp, "head": args.head,
-            "workers": args.workers}
+            "workers": args.workers, "train_list": args.train_list,
+            "shot_split": args.shot_split}
     cfg = dataclasses.replace(cfg, device=args.device,
                               **{k: v for k, v in over.items() if v is not None})
     validate(cfg)
@@ -186,21 +203,44 @@ def main(argv=None):
     distiller.load_state_dict(join_state(ckpt))
     configure_sampler(distiller, cfg)
     sample = hasattr(distiller, "diffloss") and not args.no_sample
+    counts = training_class_counts(cfg)
+    if counts is not None and counts.numel() < loaders.num_classes:
+        counts = torch.cat([counts, counts.new_zeros(loaders.num_classes - counts.numel())])
     res = evaluate(distiller, loaders.val, env.device, resolve_amp(cfg.amp, env.device),
-                   sample=sample, sample_kw=sampling_kwargs(cfg))
+                   sample=sample, sample_kw=sampling_kwargs(cfg), class_counts=counts)
     res.update(checkpoint=args.checkpoint, method=cfg.method,
                sampling_steps=cfg.sampling_steps, ddim_steps=cfg.ddim_steps, cfg=cfg.cfg,
                num_sampling=cfg.num_sampling)
     if env.is_main:
         print(f"{'metric':<14} value")
-        for k in ("top1", "top5", "sample_top1", "sample_top5"):
-            if k in res:
+        for k in ("top1", "top5", "sample_top1", "sample_top5", "many", "medium", "few",
+                  "sample_many", "sample_medium", "sample_few"):
+            if res.get(k) is not None:
                 print(f"{k:<14} {res[k]:.2f}")
         print(f"{'images':<14} {res['n']}")
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump(res, fh, indent=2)
     return res
+
+
+def _public_config(args, state):
+    """The config of a public GenDD checkpoint: the recipe(s) given, then what the tensors fix
+    (method, head size, classes), then the model/dataset flags."""
+    from .config import Config, find_config, load_yaml
+    from .public_checkpoint import inferred_config
+    values: Dict = {}
+    for name in args.config:
+        values.update(load_yaml(find_config(name)))
+    values.update(inferred_config(state))
+    for k in ("student", "teacher", "dataset"):
+        if getattr(args, k):
+            values[k] = getattr(args, k)
+    if not values.get("student") or not values.get("teacher"):
+        raise SystemExit(f"error: {args.checkpoint!r} was written by the public GenDD code and "
+                         f"carries no config: give the run's recipe (--config NAME) or --student "
+                         f"and --teacher (and --dataset)")
+    return Config(**values).resolved()
 
 
 def cli():
