@@ -135,6 +135,12 @@ def load_teacher_weights(path: str, model: torch.nn.Module, what: str = "teacher
     state = read_public(path)
     if state is None:
         return load_checkpoint_weights(path, model, what)
+    return load_public_teacher(state, model, path, what)
+
+
+def load_public_teacher(state: Dict[str, torch.Tensor], model: torch.nn.Module, path: str,
+                        what: str = "teacher"):
+    """The ``model.*`` of a public GenDD state into ``model``, strictly."""
     sub = student_state(state)
     missing = sorted(set(model.state_dict()) - set(sub))
     unexpected = sorted(set(sub) - set(model.state_dict()))
