@@ -6,11 +6,11 @@ from typing import Dict
 
 import torch
 
-from . import checkpoint as ckpt_io
 from .config import Config
 from .distill import Teacher, build_distiller
 from .models import build_teacher, create_model
 from .notice import notice
+from .public_checkpoint import load_public_teacher, load_student_weights, read_public
 
 
 def choose_head(cfg: Config, device: torch.device):
@@ -33,10 +33,15 @@ def build_method(cfg: Config, num_classes: int, device: torch.device, teacher_we
     checkpoint (evaluation: the checkpoint being evaluated carries the teacher's classifier)."""
     teacher = None
     if cfg.method != "ce":  # zoo + checkpoint, or timm/torchvision with their own weights
-        teacher = Teacher(build_teacher(cfg, num_classes, teacher_weights)).to(device)
+        public = (read_public(cfg.teacher_checkpoint)
+                  if teacher_weights and cfg.teacher_checkpoint else None)
+        tmodel = build_teacher(cfg, num_classes, teacher_weights and public is None)
+        if public is not None:  # the student of a public GenDD run, as the teacher
+            load_public_teacher(public, tmodel, cfg.teacher_checkpoint)
+        teacher = Teacher(tmodel).to(device)
     student = create_model(cfg.student, num_classes)
     if cfg.init:
-        notice(ckpt_io.load_student_weights(cfg.init, student))
+        notice(load_student_weights(cfg.init, student))
     head_cls = choose_head(cfg, device) if cfg.method == "gendd" else None
     distiller = build_distiller(cfg, student, teacher.model if teacher else None, head_cls)
     distiller = distiller.to(device)

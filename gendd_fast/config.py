@@ -52,8 +52,9 @@ class Config:
     weight_decay: float = 0.05
     momentum: float = 0.9
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    beta2_end: Optional[float] = None  # cosine ramp of beta2 from betas[1] to this (0.999)
     warmup_epochs: float = 0.0
-    sched: str = "cos"               # cos | step
+    sched: str = "cos"               # cos | cos-epoch | step
     decay_epochs: List[int] = field(default_factory=lambda: [150, 180, 210])
     decay_rate: float = 0.1
     min_lr: float = 0.0
@@ -72,9 +73,10 @@ class Config:
     sampling_steps: str = "64"       # respacing used when evaluating by sampling
     cfg: float = 2.0
     temperature: float = 1.0
-    num_sampling: int = 1
+    num_sampling: int = 1            # draws averaged per image in the final evaluation (5)
     ddim_steps: Optional[int] = None  # sample with DDIM over this many steps instead
     sample_eval: str = "end"          # end | every | never: when to run the sampling evaluation
+    shot_split: str = "auto"          # auto | on | off: many/medium/few-shot accuracy
     # --- baselines -----------------------------------------------------------------------------
     kd_T: float = 4.0
     kd_alpha: float = 0.1            # weight of CE; (1 - alpha) on the KD term
@@ -136,7 +138,8 @@ RUN_IDENTITY_EXCLUDED = {"output", "resume", "workers", "log_interval", "tensorb
                          "progress", "data_path", "val_path", "train_list", "val_list",
                          "max_steps", "save_every", "eval_batch_size", "sample_eval",
                          "eval_every", "data_backend", "skip_bad_images", "teacher_checkpoint",
-                         "init", "compile", "opt_impl", "overwrite"}
+                         "init", "compile", "opt_impl", "overwrite",
+                         "shot_split", "num_sampling"}
 
 
 def config_diff(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
@@ -246,8 +249,13 @@ FLAG_GROUPS = [
         "ddim_steps": "sample with DDIM over this many steps instead",
         "cfg": "classifier-free guidance scale at sampling",
         "temperature": "noise temperature at sampling",
-        "num_sampling": "draws averaged per image before classifying",
-        "sample_eval": "when to evaluate by sampling: end, every (each evaluation), never",
+        "num_sampling": "draws averaged per image before classifying, in the final evaluation "
+                        "of best.pt and the last model (the paper: 5); evaluations during "
+                        "training use 1",
+        "sample_eval": "when to evaluate by sampling: every (each evaluation; best.pt is chosen "
+                       "by sampling top-1, as in the paper), end (best.pt chosen by the linear "
+                       "probe, sampling only in the final evaluation), never. Unsupervised "
+                       "GenDD always selects by sampling",
     }),
     ("optimisation", {
         "epochs": "training epochs",
@@ -259,9 +267,14 @@ FLAG_GROUPS = [
         "lr": "peak learning rate",
         "weight_decay": "weight decay of the decayed parameter group",
         "momentum": "SGD momentum",
-        "betas": "AdamW betas BETA1 BETA2",
+        "betas": "AdamW betas BETA1 BETA2 (BETA2 is the start of the ramp when --beta2-end "
+                 "is set)",
+        "beta2_end": "ramp AdamW beta2 from BETA2 of --betas to this value along a per-step "
+                     "cosine, reached on the last step (the paper: 0.999); none: constant",
         "warmup_epochs": "linear learning-rate warm-up, in epochs",
-        "sched": "learning-rate schedule after warm-up: cos, step",
+        "sched": "learning-rate schedule: cos (per-step cosine to --min-lr), cos-epoch "
+                 "(per-epoch warm-up and cosine, the paper's ImageNet schedule), step (x "
+                 "--decay-rate at --decay-epochs)",
         "decay_epochs": "epochs at which --sched step multiplies the lr by --decay-rate",
         "decay_rate": "factor of each step decay",
         "min_lr": "learning rate at the end of the cosine",
@@ -280,6 +293,8 @@ FLAG_GROUPS = [
                      "replaced); without it such a run is refused",
         "log_interval": "steps between progress lines and metric records",
         "eval_every": "evaluate every N epochs (and after the last)",
+        "shot_split": "also report many/medium/few-shot top-1 (classes with >100, 20-100, <20 "
+                      "training images): on, off, auto (on for a long-tailed --train-list)",
         "save_every": "also save 'last' every N steps (0: once per epoch)",
         "max_steps": "stop after this many optimizer steps in all (0: run every epoch)",
         "tensorboard": "also write TensorBoard scalars to OUTPUT",
@@ -412,7 +427,8 @@ def validate(cfg: Config):
     choice("method", METHODS)
     choice("dataset", DATASETS)
     choice("amp", ("auto", "bf16", "fp16", "off"))
-    choice("sched", ("cos", "step"))
+    choice("sched", ("cos", "cos-epoch", "step"))
+    choice("shot_split", ("auto", "on", "off"))
     choice("opt", ("adamw", "sgd"))
     choice("opt_impl", ("torch", "apex"))
     choice("head", ("auto", "fused", "torch"))
@@ -488,3 +504,7 @@ def validate(cfg: Config):
                          f"{cfg.teacher!r} (zoo teachers take --teacher-checkpoint)")
     if len(cfg.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.betas):
         raise ValueError(f"betas must be two numbers in [0, 1), got {cfg.betas}")
+    if cfg.beta2_end is not None and not 0.0 < cfg.beta2_end < 1.0:
+        raise ValueError(f"beta2-end must lie in (0, 1), got {cfg.beta2_end}")
+    if cfg.num_sampling < 1:
+        raise ValueError(f"num-sampling must be at least 1, got {cfg.num_sampling}")

@@ -19,21 +19,65 @@ from .distributed import all_reduce_sum
 from .precision import autocast_for, resolve_amp
 
 
+# ImageNet-LT's groups (Liu et al., 2019): classes with more than 100 training images are
+# "many-shot", 20 to 100 "medium-shot", fewer than 20 "few-shot".
+SHOT_GROUPS = (("many", lambda c: c > 100), ("medium", lambda c: (c >= 20) & (c <= 100)),
+               ("few", lambda c: c < 20))
+
+
+def class_counts_from_list(samples) -> torch.Tensor:
+    """Training images per class from ``(path, label)`` pairs (a training file list)."""
+    labels = torch.tensor([int(lab) for _, lab in samples], dtype=torch.long)
+    return torch.bincount(labels)
+
+
+def training_class_counts(cfg) -> Optional[torch.Tensor]:
+    """Per-class training counts when the shot split applies (``--shot-split``): ``on`` needs a
+    ``--train-list``; ``auto`` reports for a training list whose counts span the many-shot and
+    the few-shot groups (a long-tailed list, as ImageNet-LT's)."""
+    if cfg.shot_split == "off":
+        return None
+    if not (cfg.dataset == "filelist" and cfg.train_list):
+        if cfg.shot_split == "on":
+            raise ValueError("--shot-split on needs the training file list (--dataset filelist "
+                             "--train-list FILE) to count the images of each class")
+        return None
+    import os
+    from .data.datasets import read_file_list
+    path = cfg.train_list
+    if cfg.data_path and not os.path.isabs(path) and not os.path.exists(path):
+        path = os.path.join(cfg.data_path, path)
+    counts = class_counts_from_list(read_file_list(path, cfg.data_path))
+    if cfg.num_classes and counts.numel() < cfg.num_classes:
+        counts = torch.cat([counts, counts.new_zeros(cfg.num_classes - counts.numel())])
+    long_tailed = bool((counts > 100).any()) and bool(((counts > 0) & (counts < 20)).any())
+    return counts if (cfg.shot_split == "on" or long_tailed) else None
+
+
 @torch.no_grad()
 def evaluate(distiller, loader, device: torch.device, amp: str = "off", sample: bool = False,
-             sample_kw: Optional[Dict] = None, max_batches: Optional[int] = None) -> Dict:
+             sample_kw: Optional[Dict] = None, max_batches: Optional[int] = None,
+             class_counts: Optional[torch.Tensor] = None) -> Dict:
     """Top-1/top-5 (%) over the loader, summed over ranks. Keys: top1, top5 and, when sampling,
-    sample_top1, sample_top5; n is the number of images scored."""
+    sample_top1, sample_top5; n is the number of images scored. With ``class_counts`` (training
+    images per class) also many/medium/few-shot top-1 per prediction (``many``,
+    ``sample_many``, ...): the hits of the held-out images of each group over their number."""
     was_training = distiller.training
     distiller.eval()
     counts: Dict[str, torch.Tensor] = {}
+    per_class: Dict[str, torch.Tensor] = {}
     n = torch.zeros((), dtype=torch.float64, device=device)
+    seen = None
+    if class_counts is not None:
+        seen = torch.zeros(class_counts.numel(), dtype=torch.float64, device=device)
     ctx = autocast_for(device, amp)
     for b, (x, y) in enumerate(loader):
         if max_batches is not None and b >= max_batches:
             break
         outs = distiller.eval_logits(x, ctx, sample=sample, **(sample_kw or {}))
         n += y.numel()
+        if seen is not None:
+            seen += torch.bincount(y, minlength=seen.numel()).double()
         for name, logits in outs.items():
             k = min(5, logits.shape[1])
             top = logits.float().topk(k, dim=1).indices
@@ -41,6 +85,9 @@ def evaluate(distiller, loader, device: torch.device, amp: str = "off", sample: 
             c = torch.stack([hit[:, :1].any(1).sum(), hit.any(1).sum()]).double()
             counts[name] = counts.get(name, torch.zeros(2, dtype=torch.float64,
                                                         device=device)) + c
+            if seen is not None:
+                h = torch.bincount(y, weights=hit[:, 0].double(), minlength=seen.numel())
+                per_class[name] = per_class.get(name, 0) + h
     distiller.train(was_training)
     all_reduce_sum(n)
     res = {"n": int(n.item())}
@@ -48,13 +95,58 @@ def evaluate(distiller, loader, device: torch.device, amp: str = "off", sample: 
         all_reduce_sum(c)
         res[f"{name}top1"] = 100.0 * c[0].item() / max(n.item(), 1)
         res[f"{name}top5"] = 100.0 * c[1].item() / max(n.item(), 1)
+    if seen is not None:
+        all_reduce_sum(seen)
+        cc = class_counts.to(device)
+        for name, h in per_class.items():
+            all_reduce_sum(h)
+            for group, member in SHOT_GROUPS:
+                m = member(cc)
+                total = seen[m].sum().item()
+                res[f"{name}{group}"] = 100.0 * h[m].sum().item() / total if total else None
     return res
+
+
+def format_results(results: Dict, draws: int = 1, selected_by: str = "top1") -> str:
+    """The end-of-run table: each metric for the last model and for best.pt (``best_*`` keys),
+    sampling first when the run has it (the paper's headline), then the linear probe, then the
+    many/medium/few-shot split when it was measured."""
+    rows = []
+    for prefix, what in (("sample_", f"sampling ({draws} draw{'s' if draws > 1 else ''})"),
+                         ("", "linear probe")):
+        for metric in ("top1", "top5", "many", "medium", "few"):
+            key = prefix + metric
+            if key in results or f"best_{key}" in results:
+                label = {"top1": "top-1", "top5": "top-5"}.get(metric, f"{metric}-shot top-1")
+                rows.append((f"{what} {label}", results.get(key), results.get(f"best_{key}")))
+
+    def cell(v):
+        return f"{v:>8.2f}" if isinstance(v, (int, float)) else f"{'-':>8}"
+    chosen = {"sample_top1": "sampling top-1", "top1": "linear-probe top-1"}.get(selected_by,
+                                                                                 selected_by)
+    width = max([34] + [len(r[0]) for r in rows])
+    lines = [f"| {'held-out accuracy (%)':<{width}} | {'last':>8} | {'best':>8} |",
+             f"|{'-' * (width + 2)}|{'-' * 10}|{'-' * 10}|"]
+    lines += [f"| {name:<{width}} | {cell(a)} | {cell(b)} |" for name, a, b in rows]
+    if results.get("best_epoch", -1) and results.get("best_epoch", -1) > 0:
+        lines.append(f"best.pt: epoch {results['best_epoch']}, chosen by {chosen}")
+    return "\n".join(lines)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m gendd_fast.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a checkpoint written by the trainer")
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint written by the trainer, or by the public GenDD code (then "
+                        "give the run's recipe with --config, or --student/--teacher/--dataset)")
+    p.add_argument("--config", action="append", default=[],
+                   help="public checkpoints only: the recipe the run used (repeatable)")
+    p.add_argument("--student", default=None, help="public checkpoints only: student model")
+    p.add_argument("--teacher", default=None, help="public checkpoints only: teacher model")
+    p.add_argument("--dataset", default=None, help="public checkpoints only: dataset kind")
+    p.add_argument("--train-list", default=None,
+                   help="training file list (class counts for the many/medium/few-shot split)")
+    p.add_argument("--shot-split", default=None, choices=["auto", "on", "off"])
     p.add_argument("--data-path", default=None)
     p.add_argument("--val-path", default=None)
     p.add_argument("--val-list", default=None)
@@ -75,22 +167,29 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     from .build import build_method, configure_sampler, sampling_kwargs
+    from .public_checkpoint import as_trainer_checkpoint, read_public
     from .checkpoint import join_state, read_checkpoint
     from .config import Config, validate
     from .data import build_loaders
     from .distributed import init_distributed
 
-    ckpt = read_checkpoint(args.checkpoint)
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
-        raise SystemExit(f"error: {args.checkpoint!r} is not a gendd_fast training checkpoint "
-                         f"(no 'config'/'model')")
     fields = {f.name for f in dataclasses.fields(Config)}
-    cfg = Config(**{k: v for k, v in ckpt["config"].items() if k in fields})
+    public = read_public(args.checkpoint)
+    if public is not None:
+        cfg, ckpt = _public_config(args, public), as_trainer_checkpoint(public)
+    else:
+        ckpt = read_checkpoint(args.checkpoint)
+        if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+            raise SystemExit(f"error: {args.checkpoint!r} is neither a gendd_fast training "
+                             f"checkpoint (no 'config'/'model') nor one of the public GenDD code "
+                             f"(no 'model.*' student keys)")
+        cfg = Config(**{k: v for k, v in ckpt["config"].items() if k in fields})
     over = {"data_path": args.data_path, "val_path": args.val_path, "val_list": args.val_list,
             "sampling_steps": args.sampling_steps, "ddim_steps": args.ddim_steps,
             "cfg": args.cfg, "temperature": args.temperature, "num_sampling": args.num_sampling,
             "eval_batch_size": args.batch_size, "amp": args.amp, "head": args.head,
-            "workers": args.workers}
+            "workers": args.workers, "train_list": args.train_list,
+            "shot_split": args.shot_split}
     cfg = dataclasses.replace(cfg, device=args.device,
                               **{k: v for k, v in over.items() if v is not None})
     validate(cfg)
@@ -103,21 +202,44 @@ def main(argv=None):
     distiller.load_state_dict(join_state(ckpt))
     configure_sampler(distiller, cfg)
     sample = hasattr(distiller, "diffloss") and not args.no_sample
+    counts = training_class_counts(cfg)
+    if counts is not None and counts.numel() < loaders.num_classes:
+        counts = torch.cat([counts, counts.new_zeros(loaders.num_classes - counts.numel())])
     res = evaluate(distiller, loaders.val, env.device, resolve_amp(cfg.amp, env.device),
-                   sample=sample, sample_kw=sampling_kwargs(cfg))
+                   sample=sample, sample_kw=sampling_kwargs(cfg), class_counts=counts)
     res.update(checkpoint=args.checkpoint, method=cfg.method,
                sampling_steps=cfg.sampling_steps, ddim_steps=cfg.ddim_steps, cfg=cfg.cfg,
                num_sampling=cfg.num_sampling)
     if env.is_main:
         print(f"{'metric':<14} value")
-        for k in ("top1", "top5", "sample_top1", "sample_top5"):
-            if k in res:
+        for k in ("top1", "top5", "sample_top1", "sample_top5", "many", "medium", "few",
+                  "sample_many", "sample_medium", "sample_few"):
+            if res.get(k) is not None:
                 print(f"{k:<14} {res[k]:.2f}")
         print(f"{'images':<14} {res['n']}")
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump(res, fh, indent=2)
     return res
+
+
+def _public_config(args, state):
+    """The config of a public GenDD checkpoint: the recipe(s) given, then what the tensors fix
+    (method, head size, classes), then the model/dataset flags."""
+    from .config import Config, find_config, load_yaml
+    from .public_checkpoint import inferred_config
+    values: Dict = {}
+    for name in args.config:
+        values.update(load_yaml(find_config(name)))
+    values.update(inferred_config(state))
+    for k in ("student", "teacher", "dataset"):
+        if getattr(args, k):
+            values[k] = getattr(args, k)
+    if not values.get("student") or not values.get("teacher"):
+        raise SystemExit(f"error: {args.checkpoint!r} was written by the public GenDD code and "
+                         f"carries no config: give the run's recipe (--config NAME) or --student "
+                         f"and --teacher (and --dataset)")
+    return Config(**values).resolved()
 
 
 if __name__ == "__main__":  # `python -m gendd_fast.evaluate`: the entry lives in gendd_fast.cli
