@@ -203,12 +203,37 @@ def test_ln_stats_rsqrt_of_var_plus_eps_on_tiny_variance_rows():
     rel_close(rstd, torch.rsqrt(var + 1e-6), 1e-3, "rstd")
 
 
+def blk_inputs(n, W):
+    g = torch.Generator().manual_seed(1)
+    r = lambda *shape: torch.randn(*shape, generator=g)
+    mods = [r(n, W) * 0.5 for _ in range(3)]
+    w0, w2 = (r(W, W) / W ** 0.5 for _ in range(2))
+    return [r(n, W), *mods, 1 + 0.1 * r(W), 0.1 * r(W), w0, 0.1 * r(W), w2, 0.1 * r(W)]
+
+
+HEAD_LN_EPS = 1e-6  # the method's in_ln / norm_final eps, written out: not read from the code
+
+
+def block_by_hand(h, shift, scale, gate, ln_w, ln_b, w0, b0, w2, b2):
+    F = torch.nn.functional
+    u = F.layer_norm(h, (h.shape[1],), ln_w, ln_b, HEAD_LN_EPS) * (1 + scale) + shift
+    return h + gate * F.linear(F.silu(F.linear(u, w0, b0)), w2, b2)
+
+
+def final_by_hand(h, shift, scale, w, b):
+    F = torch.nn.functional
+    return F.linear(F.layer_norm(h, (h.shape[1],), None, None, HEAD_LN_EPS) * (1 + scale)
+                    + shift, w, b)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_adaln_block_and_final_layer_on_tiny_variance_rows(dtype):
-    """The LN of both fused layers, forward and backward, where eps matters."""
+    """The LN of both fused layers, forward and backward, where eps matters, against an
+    independent formula with eps 1e-6. Planted: LN_EPS 1e-5 (kernel and its reference agree,
+    so only this catches it); ln_stats called with another eps; the rsqrt form."""
     gen = torch.Generator().manual_seed(6)
     n, W = 18, 64
-    inputs = [x.detach() for x in blk_inputs(n, W)]
+    inputs = blk_inputs(n, W)
     inputs[0] = tiny_variance_rows(n, W, gen).to(dtype)
     inputs[1:4] = [m.to(dtype) for m in inputs[1:4]]
     inputs = [x.requires_grad_(True) for x in inputs]
@@ -223,7 +248,7 @@ def test_adaln_block_and_final_layer_on_tiny_variance_rows(dtype):
 
     out = blk.adaln_block(*inputs)
     (dh,) = torch.autograd.grad(out, inputs[0], g)
-    ref = blk.adaln_block_reference(*[x.float() if i < 4 else x for i, x in enumerate(inputs)])
+    ref = block_by_hand(*[x.float() for x in inputs])
     (rdh,) = torch.autograd.grad(ref, inputs[0], g.float())
     # h' = h + gate * v: compare the update, not h (which would hide v)
     rows_close(out.float() - inputs[0].float(), ref - inputs[0].float(), "block update")
@@ -234,20 +259,33 @@ def test_adaln_block_and_final_layer_on_tiny_variance_rows(dtype):
     fo = final_layer(h, sh, sc, w, b)
     gf = torch.randn(n, 24, generator=gen)
     (fdh,) = torch.autograd.grad(fo, h, gf)
-    fr = final_layer_reference(h.float(), sh.float(), sc.float(), w, b)
+    fr = final_by_hand(h.float(), sh.float(), sc.float(), w, b)
     (frdh,) = torch.autograd.grad(fr, h, gf)
     rows_close(fo, fr, "final out")
     rows_close(fdh, frdh, "final dh")
 
 
-def blk_inputs(n, W):
-    torch.manual_seed(1)
-    h = torch.randn(n, W)
-    mods = [torch.randn(n, W) * 0.5 for _ in range(3)]
-    ln_w, ln_b = 1 + 0.1 * torch.randn(W), 0.1 * torch.randn(W)
-    w0, w2 = (torch.randn(W, W) / W ** 0.5 for _ in range(2))
-    b0, b2 = (0.1 * torch.randn(W) for _ in range(2))
-    return [h, *mods, ln_w, ln_b, w0, b0, w2, b2]
+def test_head_layernorms_use_the_method_eps_on_tiny_variance_rows():
+    """The reference head's LayerNorms (in_ln, norm_final) on rows where eps 1e-5 and 1e-6
+    differ. Planted: nn.LayerNorm(eps=1e-5) in the head."""
+    head = DiffLoss(8, 6, 2, 32, "4", 2)
+    gen = torch.Generator().manual_seed(8)
+    x = tiny_variance_rows(12, 32, gen)
+    y = torch.randn(12, 32, generator=gen)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        blk0, fl = head.net.res_blocks[0], head.net.final_layer
+        sh, sc, ga = blk0.adaLN_modulation(y).chunk(3, dim=-1)
+        want = block_by_hand(x, sh, sc, ga, blk0.in_ln.weight, blk0.in_ln.bias,
+                             blk0.mlp[0].weight, blk0.mlp[0].bias, blk0.mlp[2].weight,
+                             blk0.mlp[2].bias)
+        rel = ((blk0(x, y) - want).abs().amax(1) / (want - x).abs().amax(1)).max().item()
+        assert rel < 1e-4, rel
+        fsh, fsc = fl.adaLN_modulation(y).chunk(2, dim=-1)
+        want = final_by_hand(x, fsh, fsc, fl.linear.weight, fl.linear.bias)
+        rel = ((fl(x, y) - want).abs().amax(1) / want.abs().amax(1)).max().item()
+        assert rel < 1e-4, rel
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,3 +498,69 @@ def test_ancestral_sampler_noise_term_at_large_scale():
     assert torch.equal(a, c)
     assert not torch.equal(a, b)
     assert ac[1] < 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# Beyond the issue's list: survivors of the hand-planted mutants
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", [True, False])
+def test_evaluate_restores_the_training_mode(mode):
+    """Planted: distiller.train(False) after evaluating (the next epoch would train with
+    frozen BatchNorm statistics)."""
+    model = LinearStudent().train(mode)
+    evaluate(model, [(torch.randn(3, 6), torch.tensor([0, 1, 2]))], torch.device("cpu"))
+    assert model.training is mode and model.student.training is mode
+
+
+def _small_gendd(**kw):
+    from gendd_fast.distill import GenDD
+    from gendd_fast.models import create_model
+    from helpers import perturb_zero_init
+    torch.manual_seed(0)
+    args = dict(token_dim=16, width=32, depth=1, sampling_steps="3", mul=2, cond_drop=0.3,
+                beta=1.0, smooth=0.7)
+    args.update(kw)
+    g = GenDD(create_model("resnet8", 5), nn.Linear(64, 5), DiffLoss, **args)
+    perturb_zero_init(g.diffloss, std=0.2)
+    return g
+
+
+def test_sampled_logits_average_the_draws_before_classifying():
+    """teacher_fc(mean of num_sampling generated features), the draws taken in order from the
+    generator. Planted: the sum instead of the mean (the bias is then outweighed)."""
+    import contextlib
+    g = _small_gendd().eval()
+    with torch.no_grad():
+        g.teacher_fc.bias.copy_(torch.randn(5) * 5)
+    x = torch.randn(3, 3, 32, 32)
+    out = g.eval_logits(x, contextlib.nullcontext(), sample=True, cfg=2.0, num_sampling=3,
+                        generator=torch.Generator().manual_seed(9))
+    gen = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        z = g.cls_projector(g.student.forward_features(x))
+        feats = [g.diffloss.generate(z, cfg=2.0, generator=gen) for _ in range(3)]
+        want = g.teacher_fc(sum(feats) / 3)
+    scale = want.abs().amax(1, keepdim=True)
+    assert ((out["sample_"] - want).abs() / scale).max() < 1e-4
+
+
+def test_gendd_step_hands_the_head_the_condition_target_and_drop_rate(monkeypatch):
+    """What the GenDD step passes to the head, with mixing off: z = LayerNorm(f_s), the
+    contracted target, mul and cond_drop. Planted: cond_drop not passed (0.0); z = f_s;
+    contraction weights swapped."""
+    g = _small_gendd(beta=0.0)
+    seen = {}
+
+    def spy(target, z, mul, cond_drop_prob, generator=None):
+        seen.update(target=target, z=z, mul=mul, p=cond_drop_prob)
+        return (z.sum() + target.sum()) * 0
+    monkeypatch.setattr(g.diffloss, "distill_loss", spy)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 4, 2, 2])
+    f_t = torch.randn(4, 64)
+    g(x, y, (f_t, None))
+    f_s = g.student.forward_features(x)
+    z = nn.functional.layer_norm(f_s, (f_s.shape[1],), g.cls_projector[0].weight,
+                                 g.cls_projector[0].bias)
+    torch.testing.assert_close(seen["z"], z, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(seen["target"], 0.3 * f_t + 0.7 * g.teacher_fc.weight[y])
+    assert seen["mul"] == 2 and seen["p"] == 0.3
