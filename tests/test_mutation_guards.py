@@ -111,7 +111,7 @@ from test_mutation_guards import eval_fixture
 from gendd_fast.distributed import init_distributed, shutdown
 from gendd_fast.evaluate import evaluate
 env = init_distributed("cpu")
-model, shards = eval_fixture()
+model, shards = eval_fixture({ckpt!r})
 res = evaluate(model, shards[env.rank], env.device, sample=True)
 json.dump(res, open({out!r} + str(env.rank), "w"))
 shutdown()
@@ -133,10 +133,14 @@ class LinearStudent(Distiller):
         return out
 
 
-def eval_fixture():
-    """The same model and images in every process; rank 0 gets 13 images, rank 1 gets 7."""
+def eval_fixture(checkpoint=None):
+    """The model (from ``checkpoint`` when given) and the same images in every process; rank 0
+    gets 13 images, rank 1 gets 7."""
     torch.manual_seed(11)
     model = LinearStudent()
+    if checkpoint is not None:
+        model.load_state_dict(torch.load(checkpoint, weights_only=True))
+    torch.manual_seed(12)
     x, y = torch.randn(20, 6), torch.randint(0, 7, (20,))
     shard = lambda a, b: [(x[i:min(i + 4, b)], y[i:min(i + 4, b)]) for i in range(a, b, 4)]
     return model, [shard(0, 13), shard(13, 20)]
@@ -149,8 +153,14 @@ def _free_port():
 
 
 def test_two_process_evaluation_equals_single_process(tmp_path):
-    """Planted: hit counts not all-reduced (n still is); neither reduced; top-5 not reduced."""
+    """The same checkpoint scored by two gloo processes and by one.
+    Planted: hit counts not all-reduced (n still is); neither reduced; top-5 not reduced."""
     model, shards = eval_fixture()
+    with torch.no_grad():
+        for p in model.parameters():  # not the seeded init the workers would get anyway
+            p.add_(torch.randn(p.shape))
+    ckpt = str(tmp_path / "model.pt")
+    torch.save(model.state_dict(), ckpt)
     whole = evaluate(model, shards[0] + shards[1], torch.device("cpu"), sample=True)
     alone = evaluate(model, shards[0], torch.device("cpu"), sample=True)
     # the fixture is informative: rank 0's own shard scores differently from the whole set
@@ -158,7 +168,7 @@ def test_two_process_evaluation_equals_single_process(tmp_path):
         assert alone[k] != pytest.approx(whole[k]), k
     script = tmp_path / "worker.py"
     out = str(tmp_path / "res")
-    script.write_text(_WORKER.format(tests=HERE, out=out))
+    script.write_text(_WORKER.format(tests=HERE, out=out, ckpt=ckpt))
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(_free_port()), WORLD_SIZE="2",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
