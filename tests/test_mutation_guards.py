@@ -574,3 +574,25 @@ def test_gendd_step_hands_the_head_the_condition_target_and_drop_rate(monkeypatc
     torch.testing.assert_close(seen["z"], z, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(seen["target"], 0.3 * f_t + 0.7 * g.teacher_fc.weight[y])
     assert seen["mul"] == 2 and seen["p"] == 0.3
+
+
+def test_generate_pairs_each_image_with_every_token_position():
+    """generate(z) = the guided sampler on rows (image b, token k) in order b * L + k, reshaped
+    to (B, L * d). Planted: token indices repeat_interleave'd (rows get the wrong position)."""
+    from gendd_fast.sampling import guided_sample
+    torch.manual_seed(0)
+    head = DiffLoss(4, 5, 1, 16, "3", 3)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(torch.randn(p.shape) * 0.3)
+    z = torch.randn(2, 5)
+    got = head.generate(z, cfg=2.0, generator=torch.Generator().manual_seed(1))
+    rows = torch.stack([z[b] for b in range(2) for _ in range(3)])
+    k = torch.tensor([k for _ in range(2) for k in range(3)])
+    want = guided_sample(head, rows, k, cfg=2.0, generator=torch.Generator().manual_seed(1))
+    assert got.shape == (2, 12)
+    torch.testing.assert_close(got, want.reshape(2, 12), rtol=1e-5, atol=1e-6)
+    # and the position table matters: another order of k gives other tokens
+    other = guided_sample(head, rows, k.flip(0), cfg=2.0,
+                          generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(other.reshape(2, 12), got, atol=1e-3)
