@@ -4,7 +4,7 @@ Each test is built so that a specific, realistic wrong version gives a clearly d
 inputs where the wrong and right formulas disagree (rows of tiny variance for LayerNorm, labels
 ranked 2nd to 5th for top-5, uneven shards for the cross-rank sum), distributions checked with
 bounds of a few standard deviations, and tolerances relative to each value's own scale.
-The planted bug each test was seen to catch is named in its docstring.
+Each docstring names the planted bugs ("Planted:") the test was run against and failed on.
 """
 import json
 import math
@@ -369,7 +369,7 @@ def test_head_draws_training_timesteps_from_zero_to_999():
 @pytest.mark.parametrize("head_cls", [DiffLoss, FusedDiffLoss])
 def test_distill_loss_drops_conditions_at_the_asked_rate(head_cls, monkeypatch):
     """What reaches the loss: the fraction of rows whose condition is dropped, the timesteps.
-    Planted: keep-rate 1 - p in either head; the dropped rows' condition not the bias alone."""
+    Planted: keep-rate 1 - p in either head; kept rows gathering another image's condition."""
     d, zc, L, B, mul, p = 4, 6, 2, 50, 40, 0.3    # 4000 rows
     head = head_cls(d, zc, 1, 16, "4", L)
     seen = {}
