@@ -596,3 +596,20 @@ def test_generate_pairs_each_image_with_every_token_position():
     other = guided_sample(head, rows, k.flip(0), cfg=2.0,
                           generator=torch.Generator().manual_seed(1))
     assert not torch.allclose(other.reshape(2, 12), got, atol=1e-3)
+
+
+def test_gendd_step_probe_ce_reaches_fc_but_not_the_backbone(monkeypatch):
+    """In the full GenDD step the linear probe's CE trains fc on *detached* features: with the
+    diffusion term contributing no gradient, the backbone gets none. Planted:
+    logits = fc(f_s) without detach (CE then trains the student's backbone)."""
+    g = _small_gendd(beta=0.0)
+    monkeypatch.setattr(g.diffloss, "distill_loss",
+                        lambda target, z, *a, **k: (z.sum() + target.sum()) * 0)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 4, 2, 2])
+    loss, parts = g(x, y, (torch.randn(4, 64), None))
+    assert "ce" in parts
+    loss.backward()
+    assert g.student.fc.weight.grad.abs().sum() > 0
+    for name, p in g.student.named_parameters():
+        if not name.startswith("fc."):
+            assert p.grad is None or not p.grad.any(), name
