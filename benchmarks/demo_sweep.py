@@ -27,24 +27,25 @@ from gendd_fast import demo  # noqa: E402
 from gendd_fast.config import make_config  # noqa: E402
 from gendd_fast.train import train  # noqa: E402
 
-# name -> (method, overrides of the demo's stage-2 fields, stage-1 epochs (0: no warm start))
+# name -> (method, overrides of the demo's fields (lr: both GenDD stages; the rest: stage 2),
+# stage-1 epochs (0: no warm start; None: not GenDD)). GenDD variants change one thing from
+# "gendd lr 1e-2" (the demo's GenDD).
+S1 = demo.STAGE1_EPOCHS
 VARIANTS = {
-    "scratch": ("ce", {}, None),
+    "scratch lr 2e-3": ("ce", {"lr": 2e-3}, None),
     "scratch lr 1e-2": ("ce", {"lr": 1e-2}, None),
-    "kd": ("kd", {}, None),
+    "kd lr 2e-3": ("kd", {"lr": 2e-3}, None),
     "kd lr 1e-2": ("kd", {"lr": 1e-2}, None),
-    "gendd (demo)": ("gendd", {}, demo.STAGE1_EPOCHS),
-    "gendd lr 5e-3": ("gendd", {"lr": 5e-3}, demo.STAGE1_EPOCHS),
-    "gendd lr 1e-2": ("gendd", {"lr": 1e-2}, demo.STAGE1_EPOCHS),
-    "gendd no stage 1": ("gendd", {}, 0),
-    "gendd stage 1 x2": ("gendd", {}, 2 * demo.STAGE1_EPOCHS),
-    "gendd width 128": ("gendd", {"diffloss_w": 128}, demo.STAGE1_EPOCHS),
-    "gendd width 512": ("gendd", {"diffloss_w": 512}, demo.STAGE1_EPOCHS),
-    "gendd mul 3": ("gendd", {"mul": 3}, demo.STAGE1_EPOCHS),
-    "gendd mul 30": ("gendd", {"mul": 30}, demo.STAGE1_EPOCHS),
-    "gendd smooth 0": ("gendd", {"smooth": 0.0}, demo.STAGE1_EPOCHS),
-    "gendd smooth 0.7": ("gendd", {"smooth": 0.7}, demo.STAGE1_EPOCHS),
-    "gendd smooth 0.99": ("gendd", {"smooth": 0.99}, demo.STAGE1_EPOCHS),
+    "gendd lr 2e-3": ("gendd", {"lr": 2e-3}, S1),
+    "gendd lr 1e-2": ("gendd", {"lr": 1e-2}, S1),
+    "gendd no stage 1": ("gendd", {"lr": 1e-2}, 0),
+    "gendd stage 1 x2": ("gendd", {"lr": 1e-2}, 2 * S1),
+    "gendd width 128": ("gendd", {"lr": 1e-2, "diffloss_w": 128}, S1),
+    "gendd width 512": ("gendd", {"lr": 1e-2, "diffloss_w": 512}, S1),
+    "gendd mul 3": ("gendd", {"lr": 1e-2, "mul": 3}, S1),
+    "gendd mul 30": ("gendd", {"lr": 1e-2, "mul": 30}, S1),
+    "gendd smooth 0": ("gendd", {"lr": 1e-2, "smooth": 0.0}, S1),
+    "gendd smooth 0.7": ("gendd", {"lr": 1e-2, "smooth": 0.7}, S1),
 }
 
 
@@ -101,6 +102,7 @@ def main(argv=None):
                 st["init"] = None
                 if s1:
                     s1_stage = {**stages["gendd-stage1"], "progress": False,
+                                **({"lr": over["lr"]} if "lr" in over else {}),
                                 "output": os.path.join(args.output, f"seed{seed}", tag + "-s1")}
                     _, c, w = timed(s1_stage)
                     cpu, wall = cpu + c, wall + w
