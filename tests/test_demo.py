@@ -97,8 +97,11 @@ def test_tiny_demo_prints_the_table_and_is_deterministic(tmp_path, capsys):
     assert saved["per_seed"] == summary["per_seed"]
     table = open(tmp_path / "a" / "results.md").read().strip()
     assert table in out
-    # Determinism: the same run in a fresh folder (teacher retrained) prints the same table.
-    again = demo.run_demo(output=str(tmp_path / "b"), seeds=(0,), **TINY)
+    # Determinism: the students rerun in a fresh folder (reusing run a's teacher, whose accuracy
+    # is read back from its log) print the same table.
+    again = demo.run_demo(output=str(tmp_path / "b"), seeds=(0,),
+                          reuse_teacher=str(tmp_path / "a" / "teacher"), **TINY)
+    assert again["teacher"] == summary["teacher"]
     assert again["per_seed"] == summary["per_seed"]
     assert open(tmp_path / "b" / "results.md").read().strip() == table
 
@@ -106,6 +109,11 @@ def test_tiny_demo_prints_the_table_and_is_deterministic(tmp_path, capsys):
 def test_run_demo_rejects_no_seeds(tmp_path):
     with pytest.raises(ValueError, match="at least one seed"):
         demo.run_demo(output=str(tmp_path), seeds=())
+
+
+def test_reusing_a_missing_teacher_names_the_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no trained teacher in"):
+        demo.run_demo(output=str(tmp_path / "x"), reuse_teacher=str(tmp_path / "nowhere"))
 
 
 def test_no_arguments_runs_the_demo(monkeypatch):
