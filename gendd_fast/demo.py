@@ -203,6 +203,10 @@ def plot_comparison(rows: List[Dict], path: str, title: str, teacher: str = TEAC
     for b, c in zip(bars, colours):
         if c == "white":
             b.set_hatch("//")
+    scratch = next((r["headline"][0] for r in rows if r["key"] == "scratch"), None)
+    if scratch is not None:  # the bar every distilled student has to clear
+        ax.axhline(scratch, color="black", linestyle="--", linewidth=1, label="scratch mean")
+        ax.legend(loc="lower left", fontsize=8)
     lo = min(m - s for m, s in zip(means, stds))
     ax.set_ylim(max(0.0, lo - 5.0), 100.0)
     ax.set_xticks(list(xs))
