@@ -68,7 +68,8 @@ def report(paths):
     lines = ["| variant | student epochs | seeds | top-1 (GenDD: sampling) | GenDD linear probe "
              "| CPU s per run |", "|---|---|---|---|---|---|"]
     for (name, epochs), rs in runs.items():
-        mean = lambda k: (sum(r[k] for r in rs) / len(rs)) if rs[0][k] is not None else None  # noqa: E731
+        def mean(k):
+            return (sum(r[k] for r in rs) / len(rs)) if rs[0][k] is not None else None
         head = mean("sample_top1") if rs[0]["sample_top1"] is not None else mean("top1")
         probe = mean("top1") if rs[0]["sample_top1"] is not None else None
         seeds = ",".join(str(r["seed"]) for r in rs)

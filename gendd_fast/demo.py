@@ -81,7 +81,8 @@ def student_stages(output: str, seed: int, teacher: str = TEACHER, student: str 
         stage("kd", epochs, method="kd", **tch),
         stage("dkd", epochs, method="dkd", dkd_warmup=1, **tch),
         stage("gendd-stage1", stage1_epochs, method="gendd-pretrain", **tch, **gendd_lr),
-        stage("gendd", epochs, method="gendd", **gendd_lr, init=os.path.join(base, "gendd-stage1", "last.pt"),
+        stage("gendd", epochs, method="gendd", **gendd_lr,
+              init=os.path.join(base, "gendd-stage1", "last.pt"),
               sampling_steps=sampling_steps, **tch, **head),
     ]
 
@@ -166,8 +167,9 @@ def format_table(rows: List[Dict], teacher: str = TEACHER, student: str = STUDEN
         body.append((row_label(r["key"], teacher, student), fmt_ms(r["headline"]),
                      fmt_ms(r["top5"]), fmt_ms(r["probe"]), mark))
     widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(cols)]
-    line = lambda cells: "| " + " | ".join(  # noqa: E731
-        (c.ljust(w) if i == 0 else c.rjust(w)) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+    def line(cells):  # first column left-aligned, numbers right-aligned
+        return "| " + " | ".join((c.ljust(w) if i == 0 else c.rjust(w))
+                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(cols), sep] + [line(b) for b in body])
 
