@@ -246,7 +246,12 @@ def _run_stage(fields: Dict, quiet: bool) -> Dict:
     notice(f"--- {fields['name']}: {command_line(fields)}")
     values = {k: v for k, v in fields.items() if k != "name"}
     cfg = make_config(**{**values, "progress": values["progress"] and not quiet})
-    return train(cfg)
+    res = train(cfg)
+    if res.get("stopped_by_signal") is not None:
+        # train() turns a SIGTERM into a clean return; the demo must not go on to the next stage
+        raise SystemExit(f"demo stopped by signal {res['stopped_by_signal']} during "
+                         f"{fields['name']} (its checkpoint is in {fields['output']})")
+    return res
 
 
 def run_demo(output: str = os.path.join("runs", "digits-demo"), seeds: Sequence[int] = SEEDS,

@@ -116,6 +116,18 @@ def test_reusing_a_missing_teacher_names_the_folder(tmp_path):
         demo.run_demo(output=str(tmp_path / "x"), reuse_teacher=str(tmp_path / "nowhere"))
 
 
+def test_a_signal_during_a_stage_stops_the_demo(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_train(cfg):  # the trainer's answer to a SIGTERM: a clean return, flagged
+        calls.append(cfg.output)
+        return {"top1": 10.0, "top5": 50.0, "stopped_by_signal": 15}
+    monkeypatch.setattr(train, "train", fake_train)
+    with pytest.raises(SystemExit, match="stopped by signal 15 during teacher"):
+        demo.run_demo(output=str(tmp_path / "d"))
+    assert len(calls) == 1  # no student was started after the teacher was interrupted
+
+
 def test_no_arguments_runs_the_demo(monkeypatch):
     called = {}
     monkeypatch.setattr(demo, "run_demo", lambda: called.setdefault("demo", True))
