@@ -82,10 +82,10 @@ def _require_jit():
 
 
 @contextlib.contextmanager
-def recording(arch: int):
+def recording(arch: int, limit: Optional[int] = None):
     """Within the block no kernel runs: each launch is appended to the yielded list instead,
     bound exactly as ``JITFunction.run`` binds it for a CUDA target of compute capability
-    ``arch``, and launch configurations are chosen for that arch."""
+    ``arch``, and launch configurations are chosen for that arch (or a ``limit`` in bytes)."""
     _require_jit()
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
@@ -109,7 +109,7 @@ def recording(arch: int):
 
     JITFunction.run = record
     try:
-        with simulate_arch(arch):
+        with simulate_arch(arch, limit):
             yield records
     finally:
         JITFunction.run = original
@@ -129,27 +129,39 @@ def _describe_call(bound) -> str:
     return f"rows={n}"
 
 
-def record_step(arch: int, dtype: torch.dtype, shape: str) -> List[Launch]:
-    """Every launch of one training step (forward + backward) of the fused head at ``shape``,
-    with ``dtype`` the compute dtype (bf16 / fp16 autocast over fp32 masters, or plain fp32)."""
-    from ..fused_head import FusedDiffLoss
-    from ..head import draw_row_randomness
-
+def shape_rows(shape: str) -> int:
     s = SHAPES[shape]
-    B, L, mul, zc = s["images"], s["tokens"], s["mul"], s["z"]
-    torch.manual_seed(0)
-    head = FusedDiffLoss(TOKEN_DIM, zc, DEPTH, WIDTH, "64", L)
-    n = B * L * mul
-    target = torch.randn(B, L * TOKEN_DIM)
-    z = torch.randn(B, zc, requires_grad=True)
-    keep, t, noise = draw_row_randomness(n, TOKEN_DIM, 0.2, "cpu")
-    x0 = target.reshape(B * L, TOKEN_DIM).repeat(mul, 1)
-    r = torch.arange(n) % (B * L)
-    ci = torch.where(keep, r // L, torch.full_like(r, B))
+    return s["images"] * s["tokens"] * s["mul"]
+
+
+def record_step(arch: int, dtype: torch.dtype, rows, width: int = WIDTH, depth: int = DEPTH,
+                token_dim: int = TOKEN_DIM, z: int = 256, device="cpu",
+                limit: Optional[int] = None) -> List[Launch]:
+    """Every launch of one training step (forward + backward) of the fused head over ``rows``
+    rows (an int, or a name in :data:`SHAPES`), with ``dtype`` the compute dtype (bf16 / fp16
+    autocast over fp32 masters, or plain fp32). Only the row count, the head's width, depth and
+    token size reach the kernels (the condition width ``z`` goes through a torch GEMM)."""
+    from ..fused_head import FusedDiffLoss
+
+    if isinstance(rows, str):
+        z, rows = SHAPES[rows]["z"], shape_rows(rows)
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.device(device):
+        head = FusedDiffLoss(token_dim, z, depth, width, "64", 1)
+    # every row its own image, token 0; a fifth of the rows dropped (cond_embed's bias alone)
+    x0 = torch.randn(rows, token_dim, device=device, generator=gen)
+    z_img = torch.randn(rows, z, device=device, generator=gen, requires_grad=True)
+    t = torch.randint(0, 1000, (rows,), device=device, generator=gen)
+    noise = torch.randn(rows, token_dim, device=device, generator=gen)
+    ci = torch.arange(rows, device=device)
+    ci = torch.where(torch.rand(rows, device=device, generator=gen) < 0.2, rows, ci)
+    k = torch.zeros(rows, dtype=torch.long, device=device)
     autocast = dtype != torch.float32
-    with recording(arch) as records:
-        with torch.autocast("cpu", dtype=dtype if autocast else torch.bfloat16, enabled=autocast):
-            loss = head.row_losses(x0, t, noise, r % L, z, ci).mean()
+    with recording(arch, limit) as records:
+        with torch.autocast(device.type, dtype=dtype if autocast else torch.bfloat16,
+                            enabled=autocast):
+            loss = head.row_losses(x0, t, noise, k, z_img, ci).mean()
         loss.backward()
     return records
 
@@ -175,9 +187,20 @@ _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
-def compile_launch(rec: Launch, arch: int, use_cache: bool = True) -> Dict:
+def compile_launch(rec: Launch, arch: int, use_cache: bool = True, registers: bool = True) -> Dict:
     """Compile ``rec`` for sm_``arch``. Returns shared (bytes), registers, spill_stores and
-    spill_loads (bytes), or ``error`` where it does not compile."""
+    spill_loads (bytes), or ``error`` where it does not compile. ``registers=False``: shared
+    memory only, through Triton's own cache (what a launch on the device then reuses)."""
+    if not registers:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        try:
+            k = triton.compile(ASTSource(rec.fn, rec.signature, rec.constexprs, rec.attrs),
+                               target=GPUTarget("cuda", arch, 32),
+                               options=dict(num_warps=rec.num_warps, num_stages=rec.num_stages))
+            return dict(shared=int(k.metadata.shared))
+        except Exception as e:  # noqa: BLE001 - reported, with the kernel, by the caller
+            return dict(error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
     path = os.path.join(cache_dir(), f"sm{arch}", rec.key(arch) + ".json")
     if use_cache and os.path.exists(path):
         with open(path) as fh:

@@ -28,25 +28,21 @@ ARCH_NAMES = {80: "A100", 86: "RTX 30xx / A10", 89: "RTX 40xx / L4 / L40", 90: "
               100: "B200", 120: "RTX 50xx"}
 SUPPORTED_ARCHS = tuple(sorted(SHARED_MEMORY_OPTIN))
 
-_simulated: Optional[int] = None
+_simulated: Optional[int] = None  # the shared memory limit in force, bytes
 
 
 @contextlib.contextmanager
-def simulate_arch(arch: int):
+def simulate_arch(arch: int, limit: Optional[int] = None):
     """Within the block, launch configurations are chosen as for compute capability ``arch``
-    (e.g. 90), whatever device the tensors are on."""
+    (e.g. 90), or for a device allowing ``limit`` bytes, whatever device the tensors are on."""
     global _simulated
-    if arch not in SHARED_MEMORY_OPTIN:
+    if limit is None and arch not in SHARED_MEMORY_OPTIN:
         raise ValueError(f"unknown arch sm_{arch}; known: {SUPPORTED_ARCHS}")
-    old, _simulated = _simulated, arch
+    old, _simulated = _simulated, int(limit if limit is not None else SHARED_MEMORY_OPTIN[arch])
     try:
         yield
     finally:
         _simulated = old
-
-
-def simulated_arch() -> Optional[int]:
-    return _simulated
 
 
 @functools.lru_cache(maxsize=None)
@@ -57,7 +53,7 @@ def _cuda_limit(index: int) -> int:
 def shared_memory_limit(device: torch.device) -> int:
     """Bytes of shared memory one block may use on ``device`` (or on the simulated arch)."""
     if _simulated is not None:
-        return SHARED_MEMORY_OPTIN[_simulated]
+        return _simulated
     device = torch.device(device)
     if device.type == "cuda":
         return _cuda_limit(device.index if device.index is not None else

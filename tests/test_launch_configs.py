@@ -35,7 +35,7 @@ def run_check(combos, tmp_path):
     out = tmp_path / "launches.json"
     proc = subprocess.run([sys.executable, "-m", "gendd_fast.kernels.launch_check", "--combos",
                            combos, "--json", str(out)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=1800)
     assert out.exists(), proc.stderr[-3000:]
     return proc, json.loads(out.read_text())
 
@@ -71,9 +71,55 @@ def test_recorder_sees_every_gemm_of_the_step():
             "print(collections.Counter(r.kernel for r in recs)['_fused_matmul_kernel'])\n"
             "print(sorted({r.signature['A'] for r in recs if r.kernel == '_fused_matmul_kernel'}))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert int(lines[0]) == 32
     # fp32 operands reach the GEMMs only as prologue inputs: plain fp32 tiles are cast first
     assert lines[1] == "['*bf16']"
+
+
+def test_launch_problem_names_the_kernel_and_the_limit():
+    """The trainer's pre-flight check (run on CPU against a stated limit): a device no tile
+    fits, and a configuration whose compiled shared memory exceeds the limit (the estimate
+    disabled, so the first choice is taken whatever it needs) are both reported by name."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["GENDD_FAST_POISON"] = "0"
+    code = ("import torch\n"
+            "from gendd_fast.fused_head import launch_problem\n"
+            "from gendd_fast.kernels import matmul\n"
+            "shapes = dict(width=1024, depth=1, token_dim=64, rows=[512])\n"
+            "print(launch_problem(80, 16384, torch.bfloat16, shapes))\n"
+            "print(launch_problem(86, 101376, torch.bfloat16, shapes))\n"
+            "matmul.SMEM_MARGIN = -10 ** 9\n"
+            "print(launch_problem(86, 101376, torch.float32, shapes))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    no_fit, fits, over = proc.stdout.strip().splitlines()[-3:]
+    assert "no GEMM tile fits 16384 bytes of shared memory" in no_fit
+    assert fits == "None"
+    assert over.startswith("kernel _fused_matmul_kernel (") and "allows 101376 B" in over
+    need = int(over.split(" needs ")[1].split(" B ")[0])
+    assert need > 101376
+
+
+def test_trainer_stops_before_step_one_when_the_fused_head_cannot_launch(monkeypatch, tmp_path):
+    """--head fused: a launch problem stops the run in choose_head with the kernel's message."""
+    from gendd_fast import fused_head
+    from gendd_fast.config import Config
+    from gendd_fast.train import choose_head
+    seen = {}
+
+    def problem(device, dtype, shapes):
+        seen.update(dtype=dtype, **shapes)
+        return "kernel _fused_matmul_kernel (...) needs 181248 B of shared memory per block"
+
+    monkeypatch.setattr(fused_head, "fused_launch_problem", problem)
+    cfg = Config(head="fused", amp="bf16", batch_size=8, mul=3)
+    with pytest.raises(RuntimeError, match="--head fused cannot run on cpu: kernel "
+                                           "_fused_matmul_kernel .* 181248 B"):
+        choose_head(cfg, __import__("torch").device("cpu"))
+    assert seen["width"] == cfg.diffloss_w and 24 in seen["rows"]
