@@ -152,6 +152,12 @@ if triton is not None:
 _WGRAD_TILES = [(64, 64, 64, 4), (64, 64, 32, 4)]       # small output, long reduction
 _NARROW_TILES = [(128, 64, 64, 8), (128, 64, 32, 8), (64, 64, 32, 4)]   # N <= 128 (final layer)
 _WIDE_TILES = [(128, 128, 64, 8), (128, 128, 32, 8), (128, 64, 32, 8), (64, 64, 32, 4)]
+# fp32 (``--amp off``): the IEEE fp32 dot runs on the CUDA cores with both operand tiles in
+# registers, so K steps of 32 and 8 warps keep ptxas from spilling where 64 did (sm_80: up to
+# 8 KB of spills per thread at 64 x 64 x 64, 4 warps).
+_FP32_TILES = {"wgrad": [(64, 64, 32, 8), (64, 64, 16, 4)],
+               "narrow": [(128, 64, 32, 8), (64, 64, 32, 4)],
+               "wide": [(128, 128, 32, 8), (128, 64, 32, 8), (64, 64, 32, 4)]}
 _MAX_STAGES = {"wgrad": 4, "narrow": 4, "wide": 3}
 SMEM_MARGIN = 2048  # barriers and alignment padding the estimate does not itemise
 
@@ -169,7 +175,7 @@ def smem_estimate(bm, bn, bk, stages, a_bytes, b_bytes, dot_bytes, transformed):
 
 def _launch_config(M: int, N: int, K: int, a_bytes: int = 4, b_bytes: int = 4,
                    dot_bytes: int = 4, transformed: bool = True, smem_limit: int = 232448,
-                   heavy: bool = False):
+                   heavy: bool = False, a_t: bool = False):
     """Tiles and stages for one GEMM that fit ``smem_limit`` bytes of shared memory. The
     interpreter gets small blocks (fast on CPU). On the GPU the tiles follow the problem:
     weight-gradient GEMMs (small M x N, long K) use smaller tiles for occupancy; a LayerNorm or
@@ -184,6 +190,8 @@ def _launch_config(M: int, N: int, K: int, a_bytes: int = 4, b_bytes: int = 4,
         kind, tiles = "narrow", _NARROW_TILES
     else:
         kind, tiles = "wide", _WIDE_TILES
+    if dot_bytes == 4:  # a transposed fp32 A tile costs registers too: the small tiles
+        tiles = _FP32_TILES["wgrad" if a_t else kind]
     for bm, bn, bk, warps in tiles:
         # a pipeline as deep as the reduction loop only costs memory (and registers: ptxas
         # spills a two-iteration loop pipelined two deep)
@@ -246,7 +254,7 @@ def fused_matmul(a: Operand, b: Operand, out: torch.Tensor, a_t: bool = False,
     dot_bytes = torch.empty((), dtype=dot_dtype).element_size()
     cfg = _launch_config(M, N, K, _operand_bytes(a), _operand_bytes(b), dot_bytes,
                          a.mode != PLAIN or b.mode != PLAIN or a_t,
-                         shared_memory_limit(out.device), epilogue == SILU_GRAD)
+                         shared_memory_limit(out.device), epilogue == SILU_GRAD, a_t)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _fused_matmul_kernel[grid](
         a.x, a.x.stride(0), a.x.stride(1), a.mode, a_t, *_operand_args(a, dummy),
