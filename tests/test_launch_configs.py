@@ -33,9 +33,9 @@ def run_check(combos, tmp_path):
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env["GENDD_FAST_POISON"] = "0"
     out = tmp_path / "launches.json"
-    proc = subprocess.run([sys.executable, "-m", "gendd_fast.kernels.launch_check", "--combos",
-                           combos, "--json", str(out)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=1800)
+    cmd = [sys.executable, "-m", "gendd_fast.kernels.launch_check", "--combos", combos,
+           "--jobs", "2", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert out.exists(), proc.stderr[-3000:]
     return proc, json.loads(out.read_text())
 
@@ -82,7 +82,8 @@ def test_recorder_sees_every_gemm_of_the_step():
 def test_launch_problem_names_the_kernel_and_the_limit():
     """The trainer's pre-flight check (run on CPU against a stated limit): a device no tile
     fits, and a configuration whose compiled shared memory exceeds the limit (the estimate
-    disabled, so the first choice is taken whatever it needs) are both reported by name."""
+    disabled, so the first choice is taken whatever it needs) are both reported by name. (That
+    every launch fits where it should is the subset test above.)"""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
@@ -92,15 +93,13 @@ def test_launch_problem_names_the_kernel_and_the_limit():
             "from gendd_fast.kernels import matmul\n"
             "shapes = dict(width=1024, depth=1, token_dim=64, rows=[512])\n"
             "print(launch_problem(80, 16384, torch.bfloat16, shapes))\n"
-            "print(launch_problem(86, 101376, torch.bfloat16, shapes))\n"
             "matmul.SMEM_MARGIN = -10 ** 9\n"
             "print(launch_problem(86, 101376, torch.float32, shapes))\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    no_fit, fits, over = proc.stdout.strip().splitlines()[-3:]
+    no_fit, over = proc.stdout.strip().splitlines()[-2:]
     assert "no GEMM tile fits 16384 bytes of shared memory" in no_fit
-    assert fits == "None"
     assert over.startswith("kernel _fused_matmul_kernel (") and "allows 101376 B" in over
     need = int(over.split(" needs ")[1].split(" B ")[0])
     assert need > 101376

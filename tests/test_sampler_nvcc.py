@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import sysconfig
 
 import pytest
@@ -82,8 +81,9 @@ def test_sampler_kernel_compiles_for_each_arch_without_spills(tmp_path):
         pytest.skip("nvcc is not installed (the CUDA toolkit's compiler)")
     listed = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True).stdout
     missing = [a for a in ARCHS if f"compute_{a}" not in listed.split()]
-    assert not missing, (f"{nvcc} cannot target sm_{missing} (it lists: {' '.join(listed.split())});"
-                         f" a CUDA toolkit of 12.8 or later targets sm_80, sm_90 and sm_100")
+    assert not missing, (f"{nvcc} cannot target sm_{missing} (it lists: "
+                         f"{' '.join(listed.split())}); a CUDA toolkit of 12.8 or later "
+                         f"targets sm_80, sm_90 and sm_100")
     facts = ptxas_facts(compile_sampler(nvcc, tmp_path))
     for a in ARCHS:
         mine = {k: v for k, v in facts.items() if k[0] == a}
