@@ -24,6 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (RESULTS, device_info, peak_memory_mib, pick_device, print_table,  # noqa: E402
                     reset_peak, sync, time_fn, write_result)
 
+from perf_model import by_kernel, peaks_for, predict, step_kernels  # noqa: E402
+
 from gendd_fast import DiffLoss, FusedDiffLoss  # noqa: E402
 from gendd_fast.fused_head import fused_unavailable_reason  # noqa: E402
 from gendd_fast.head import draw_row_randomness  # noqa: E402
@@ -48,6 +50,38 @@ def dense_bf16_tflops(device, n=8192):
     return 2 * n ** 3 / (t["ms"] / 1e3) / 1e12
 
 
+def kernel_times_ms(fn, device):
+    """Per Triton kernel name: CUDA time (ms) summed over its launches in one call of ``fn``."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync(device)
+    out = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None)
+        if t is None:
+            t = getattr(ev, "cuda_time_total", 0)
+        if ev.key.startswith("_") and ev.key.split("(")[0].endswith("_kernel"):
+            out[ev.key.split("(")[0]] = out.get(ev.key.split("(")[0], 0.0) + t / 1e3
+    return out
+
+
+def model_table(shape, n, W, depth, d, peaks, measured):
+    """The roofline prediction of each fused kernel beside its measured time (if any)."""
+    pred = predict(step_kernels(n, W, depth, d, "bf16"), peaks, "bf16")
+    rows = []
+    for k in by_kernel(pred).values():
+        r = dict(shape=shape, kernel=k["kernel"], launches=k["launches"],
+                 gflop=k["flops"] / 1e9, mbytes=k["bytes"] / 1e6, pred_ms=k["pred_ms"])
+        if k["kernel"] in measured:
+            r["measured_ms"] = measured[k["kernel"]]
+            r["fraction_of_peak"] = k["pred_ms"] / measured[k["kernel"]]
+        rows.append(r)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -59,6 +93,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--mul", type=int, default=None, help="override the copies per token")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    ap.add_argument("--model-gpu", default="H100",
+                    help="peak rates for the performance model when this device has none known")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
 
@@ -69,7 +105,9 @@ def main(argv=None):
     info["dense_bf16_matmul_tflops"] = peak
     fused_reason = fused_unavailable_reason(device)
     W, depth, d = args.width, args.depth, 64
-    rows_out = []
+    rows_out, model_rows = [], []
+    peaks = (peaks_for(info["gpu"]) if device.type == "cuda" else None) or \
+        peaks_for(args.model_gpu)
     for shape in args.shapes.split(","):
         s = SHAPES[shape]
         B = max(2, int(round(s["images"] * args.scale)))
@@ -109,8 +147,8 @@ def main(argv=None):
         if not args.no_compile:
             compiled = torch.compile(ref_step)
             variants.append(("reference bf16 + torch.compile", bf16(compiled), None))
-        variants.append(("fused bf16", bf16(lambda: fused.row_losses(
-            x0, t, noise, k, z, ci).mean().backward()), fused_reason))
+        fused_step = bf16(lambda: fused.row_losses(x0, t, noise, k, z, ci).mean().backward())
+        variants.append(("fused bf16", fused_step, fused_reason))
         base = {}
         for name, fn, skip_reason in variants:
             row = {"shape": shape, "rows": n, "variant": name}
@@ -135,18 +173,34 @@ def main(argv=None):
             if peak:
                 row["fraction_of_dense_bf16"] = row["tflops"] / peak
             rows_out.append(row)
+            if name == "fused bf16" and peaks:
+                measured = kernel_times_ms(fused_step, device) if device.type == "cuda" else {}
+                model_rows += model_table(shape, n, W, depth, d, peaks, measured)
+                row["pred_ms"] = sum(r["pred_ms"] for r in model_rows if r["shape"] == shape)
+                if device.type == "cuda":  # a CPU time against GPU peak rates means nothing
+                    row["fraction_of_model"] = row["pred_ms"] / tm["ms"]
             z.grad = None
             for p in list(ref.parameters()) + list(fused.parameters()):
                 p.grad = None
     cfg = dict(width=W, depth=depth, token_dim=d, shapes={k: SHAPES[k] for k in
                                                           args.shapes.split(",")},
                scale=args.scale, mul_override=args.mul, repeats=args.repeats, dtype="bf16 autocast (fp32 masters)",
-               statistic="median ms per forward+backward")
+               statistic="median ms per forward+backward",
+               perf_model=dict(peaks=peaks, kernels=model_rows,
+                               note="pred_ms: roofline minimum at the peak rates; "
+                                    "fraction_of_peak = pred_ms / measured_ms"))
     print_table(rows_out, ["shape", "rows", "variant", "ms", "rows_per_s", "tflops",
                            "speedup_vs_fp32", "speedup_vs_compiled_bf16",
-                           "fraction_of_dense_bf16", "peak_mib", "note"],
+                           "fraction_of_dense_bf16", "pred_ms", "fraction_of_model", "peak_mib",
+                           "note"],
                 f"head forward+backward on {info.get('gpu', info['device'])}"
                 + (f" (dense bf16 matmul: {peak:.0f} TFLOP/s)" if peak else ""))
+    if model_rows:
+        print_table(model_rows, ["shape", "kernel", "launches", "gflop", "mbytes", "pred_ms",
+                                 "measured_ms", "fraction_of_peak"],
+                    f"fused kernels: roofline prediction at {peaks['name']} peak rates"
+                    + (" beside the measured time" if device.type == "cuda" else
+                       " (no GPU here: prediction only)"))
     write_result("head", info, cfg, rows_out, args.out)
     return rows_out
 

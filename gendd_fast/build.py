@@ -10,6 +10,7 @@ from .config import Config
 from .distill import Teacher, build_distiller
 from .models import build_teacher, create_model
 from .notice import notice
+from .precision import resolve_amp
 from .public_checkpoint import load_public_teacher, load_student_weights, read_public
 
 
@@ -20,8 +21,17 @@ def choose_head(cfg: Config, device: torch.device):
     want = cfg.head if cfg.head != "auto" else ("fused" if device.type == "cuda" else "torch")
     if want == "torch":
         return DiffLoss
-    from .fused_head import FusedDiffLoss, fused_unavailable_reason
+    from .fused_head import (TOKENS_PER_IMAGE, FusedDiffLoss, fused_launch_problem,
+                             fused_unavailable_reason)
     why = fused_unavailable_reason(device)
+    if not why:  # every kernel of a step compiled for this GPU and held to its limits, now
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            resolve_amp(cfg.amp, device), torch.float32)
+        rows = [cfg.batch_size * (cfg.mul or 1) * t for t in TOKENS_PER_IMAGE]
+        why = fused_launch_problem(device, dtype, dict(
+            width=cfg.diffloss_w, depth=cfg.diffloss_d, token_dim=cfg.token_dim, rows=rows))
+        if why and cfg.head == "fused":  # asked for explicitly: stop before step 1, say why
+            raise ValueError(f"--head fused cannot run on {device}: {why}")
     if why:
         notice(f"fused head unavailable ({why}); using the reference head")
         return DiffLoss

@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 
+from .limits import shared_memory_limit
 from .utils import interpreting, tl, triton
 
 PLAIN, SILU, LNMOD, MUL = 0, 1, 2, 3
@@ -145,17 +146,83 @@ if triton is not None:
     _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
-def _launch_config(M: int, N: int, K: int):
-    """Block sizes. The interpreter gets small blocks (fast on CPU); on the GPU the tiles follow
-    the problem: weight-gradient GEMMs (small M x N, long K) use smaller tiles for occupancy."""
+# Tile candidates (BLOCK_M, BLOCK_N, BLOCK_K, num_warps), best first for each problem shape. The
+# first one whose shared memory estimate fits the device at the most stages is taken, and
+# :mod:`.launch_check` compiles what each supported GPU gets, ahead of time, to prove it fits.
+_WGRAD_TILES = [(64, 64, 64, 4), (64, 64, 32, 4)]       # small output, long reduction
+_NARROW_TILES = [(128, 64, 64, 8), (128, 64, 32, 8), (64, 64, 32, 4)]   # N <= 128 (final layer)
+_WIDE_TILES = [(128, 128, 64, 8), (128, 128, 32, 8), (128, 64, 32, 8), (64, 64, 32, 4)]
+# fp32 (``--amp off``): the IEEE fp32 dot runs on the CUDA cores with both operand tiles in
+# registers, so K steps of 32 and 8 warps keep ptxas from spilling where 64 did (sm_80: up to
+# 8 KB of spills per thread at 64 x 64 x 64, 4 warps).
+_FP32_TILES = {"wgrad": [(64, 64, 32, 8), (64, 64, 16, 4)],
+               "narrow": [(128, 64, 32, 8), (64, 64, 32, 4)],
+               "wide": [(128, 128, 32, 8), (128, 64, 32, 8), (64, 64, 32, 4)]}
+_MAX_STAGES = {"wgrad": 4, "narrow": 4, "wide": 3}
+SMEM_MARGIN = 2048  # barriers and alignment padding the estimate does not itemise
+
+
+def smem_estimate(bm, bn, bk, stages, a_bytes, b_bytes, dot_bytes, transformed):
+    """Upper estimate of the shared memory (bytes) of one block: the software pipeline keeps
+    ``stages - 1`` copies of every tile the loads bring in (``a_bytes`` / ``b_bytes``: bytes per
+    element summed over the tensors read for that operand, e.g. h + scale + shift for LNMOD); an
+    operand changed by a prologue is staged once more, in the dot dtype, for the tensor cores;
+    the epilogue may reuse the same memory for the fp32 accumulator's layout change."""
+    pipe = max(stages - 1, 1) * (bm * bk * a_bytes + bk * bn * b_bytes)
+    staged = (bm * bk + bk * bn) * dot_bytes if transformed else 0
+    return max(pipe + staged, bm * bn * 4) + SMEM_MARGIN
+
+
+def _launch_config(M: int, N: int, K: int, a_bytes: int = 4, b_bytes: int = 4,
+                   dot_bytes: int = 4, transformed: bool = True, smem_limit: int = 232448,
+                   heavy: bool = False, a_t: bool = False):
+    """Tiles and stages for one GEMM that fit ``smem_limit`` bytes of shared memory. The
+    interpreter gets small blocks (fast on CPU). On the GPU the tiles follow the problem:
+    weight-gradient GEMMs (small M x N, long K) use smaller tiles for occupancy; a LayerNorm or
+    SiLU prologue keeps a whole fp32 tile live, so 128-row tiles get 8 warps; ``heavy`` (the
+    SiLU' epilogue, which loads a tile and keeps it live beside the accumulator) takes 64-column
+    tiles: at 128 x 128, ptxas spills there on sm_80 and sm_90."""
     if interpreting():
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
-    small_out = M * N <= 2048 * 2048
-    if small_out and K > 4 * max(M, N):
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
-    if N <= 128:
-        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+    if M * N <= 2048 * 2048 and K > 4 * max(M, N):
+        kind, tiles = "wgrad", _WGRAD_TILES
+    elif N <= 128 or heavy:
+        kind, tiles = "narrow", _NARROW_TILES
+    else:
+        kind, tiles = "wide", _WIDE_TILES
+    if dot_bytes == 4:  # a transposed fp32 A tile costs registers too: the small tiles
+        tiles = _FP32_TILES["wgrad" if a_t else kind]
+    for bm, bn, bk, warps in tiles:
+        # a pipeline as deep as the reduction loop only costs memory (and registers: ptxas
+        # spills a two-iteration loop pipelined two deep)
+        top = max(1, min(_MAX_STAGES[kind], triton.cdiv(K, bk) - 1))
+        for stages in range(top, 1 if top > 1 else 0, -1):
+            if smem_estimate(bm, bn, bk, stages, a_bytes, b_bytes, dot_bytes,
+                             transformed) <= smem_limit:
+                return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps,
+                            num_stages=stages)
+    raise RuntimeError(f"no GEMM tile fits {smem_limit} bytes of shared memory "
+                       f"({M}x{N}x{K}, operand bytes {a_bytes}/{b_bytes})")
+
+
+def _operand_bytes(op: Operand) -> int:
+    """Bytes loaded per element of the logical operand (every tensor its prologue reads)."""
+    n = op.x.element_size()
+    if op.mode in (LNMOD, MUL):
+        n += op.aux.element_size()
+    if op.mode == LNMOD:
+        n += op.shift.element_size()
+    return n
+
+
+def _narrow(op: Operand, dot_dtype: torch.dtype) -> Operand:
+    """A plain operand wider than the dot dtype (fp32 master weights, fp32 ``x_t`` or output
+    gradients under autocast) is cast once before the GEMM: the values are those the kernel's
+    per-tile cast would give (round to nearest even both ways), and the pipeline then buffers
+    half the bytes per stage."""
+    if op.mode == PLAIN and op.x.element_size() > torch.empty((), dtype=dot_dtype).element_size():
+        return Operand(op.x.to(dot_dtype))
+    return op
 
 
 def _operand_args(op: Operand, dummy: torch.Tensor):
@@ -179,11 +246,15 @@ def fused_matmul(a: Operand, b: Operand, out: torch.Tensor, a_t: bool = False,
     if (a.x.shape[1] if a_t else a.x.shape[0]) != M or b.x.shape != (K, N):
         raise ValueError(f"fused_matmul: shapes do not chain: A {tuple(a.x.shape)} "
                          f"(transposed={a_t}), B {tuple(b.x.shape)}, out {tuple(out.shape)}")
+    a, b = _narrow(a, dot_dtype), _narrow(b, dot_dtype)
     dummy = out
     e1 = e1 if e1 is not None else dummy
     e2 = e2 if e2 is not None else dummy
     v = v_out if v_out is not None else dummy
-    cfg = _launch_config(M, N, K)
+    dot_bytes = torch.empty((), dtype=dot_dtype).element_size()
+    cfg = _launch_config(M, N, K, _operand_bytes(a), _operand_bytes(b), dot_bytes,
+                         a.mode != PLAIN or b.mode != PLAIN or a_t,
+                         shared_memory_limit(out.device), epilogue == SILU_GRAD, a_t)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _fused_matmul_kernel[grid](
         a.x, a.x.stride(0), a.x.stride(1), a.mode, a_t, *_operand_args(a, dummy),

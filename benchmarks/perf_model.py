@@ -1,0 +1,146 @@
+"""A roofline model of the fused head's training step: FLOPs and bytes of every kernel at the
+real shapes, and the time each would take at the device's peak rates.
+
+    python benchmarks/perf_model.py                       # H100, the three training shapes
+    python benchmarks/perf_model.py --gpu A100 --dtype fp32
+
+Each kernel's predicted time is max(FLOPs / peak FLOP/s, bytes / peak bandwidth): the least it
+can take. Bytes count each tensor once (what a kernel must read and write at least: operands,
+prologue inputs, epilogue inputs and outputs); FLOPs count 2 per multiply-add of the GEMMs and
+ignore the elementwise work, which hides under the memory time. bench_head.py prints this
+prediction beside the measured time of each kernel, so a GPU run shows at once which kernel
+is far from its limit; without a GPU the prediction says what to expect.
+"""
+from __future__ import annotations
+
+import argparse
+from collections import OrderedDict
+from typing import Dict, List, Optional
+
+# Dense peak rates from the vendors' data sheets (no sparsity): tensor-core bf16/fp16 with fp32
+# accumulation, fp32 on the CUDA cores (the fused head's --amp off GEMMs use IEEE fp32, not
+# TF32), and memory bandwidth. Matched against the CUDA device name, longest key first.
+PEAKS = {
+    "H200": dict(bf16=989e12, fp16=989e12, fp32=67e12, bw=4.8e12),
+    "H100 PCIe": dict(bf16=756e12, fp16=756e12, fp32=51e12, bw=2.0e12),
+    "H100": dict(bf16=989e12, fp16=989e12, fp32=67e12, bw=3.35e12),
+    "A100": dict(bf16=312e12, fp16=312e12, fp32=19.5e12, bw=2.0e12),
+    "B200": dict(bf16=2250e12, fp16=2250e12, fp32=75e12, bw=8.0e12),
+    "L40S": dict(bf16=362e12, fp16=362e12, fp32=91.6e12, bw=0.864e12),
+    "L4": dict(bf16=121e12, fp16=121e12, fp32=30.3e12, bw=0.3e12),
+    "RTX 4090": dict(bf16=165e12, fp16=165e12, fp32=82.6e12, bw=1.008e12),
+}
+BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def peaks_for(name: str) -> Optional[Dict]:
+    for key in sorted(PEAKS, key=len, reverse=True):
+        if key.lower() in name.lower():
+            return dict(PEAKS[key], name=key)
+    return None
+
+
+def _gemm(op, m, n, k, a_bytes, b_bytes, c_bytes, extra_bytes=0):
+    return dict(kernel="_fused_matmul_kernel", op=f"{op} {m}x{n}x{k}", flops=2 * m * n * k,
+                bytes=m * k * a_bytes + k * n * b_bytes + m * n * c_bytes + extra_bytes)
+
+
+def _rows(kernel, op, n_bytes):
+    return dict(kernel=kernel, op=op, flops=0, bytes=n_bytes)
+
+
+def step_kernels(rows: int, width: int = 1024, depth: int = 3, token_dim: int = 64,
+                 dtype: str = "bf16", steps: int = 1000) -> List[Dict]:
+    """Every Triton kernel of one forward + backward of FusedDiffLoss, in launch order (the
+    torch GEMMs of the time MLP and the condition embedding are left out: one per timestep /
+    image, not per row)."""
+    n, W, d, e = rows, width, token_dim, BYTES[dtype]
+    steps = min(steps, rows)  # the time MLP runs once per distinct timestep
+    M = 3 * W * depth + 2 * W  # modulation columns
+    f4 = 4  # fp32: x_t, the loss inputs, weight gradients, du
+    k = [_rows("_noise_injection_kernel", "x_t", n * d * (4 + 4 + f4) + n * 8),
+         _rows("_timestep_features_kernel", "features", steps * 256 * 4),
+         _rows("_condition_kernel", "y = temb[t] + cond[i] + pos[k]", n * W * e + n * 24)]
+    for i in range(depth):
+        k.append(_gemm(f"mod{i} fwd", n, 3 * W, W, e, e, e))
+    k.append(_gemm("mod final fwd", n, 2 * W, W, e, e, e))
+    k.append(_gemm("input_proj fwd", n, W, d, e, e, e))
+    for i in range(depth):
+        k.append(_rows("_ln_stats_kernel", f"block{i} LN stats", n * W * e + n * 8))
+        k.append(_gemm(f"block{i} fc1 fwd (LN-mod)", n, W, W, 3 * e, e, e))
+        k.append(_gemm(f"block{i} fc2 fwd (gate+res)", n, W, W, e, e, 2 * e, 2 * n * W * e))
+    k.append(_rows("_ln_stats_kernel", "final LN stats", n * W * e + n * 8))
+    k.append(_gemm("final fwd (LN-mod)", n, 2 * d, W, 3 * e, e, f4))
+    k.append(_rows("_diffusion_loss_kernel", "loss + dout", n * (2 * d * 4 * 2 + 3 * d * 4)))
+    # backward, in autograd's order
+    k.append(_gemm("final dW", 2 * d, W, n, f4, 3 * e, f4))
+    k.append(_gemm("final du", n, W, 2 * d, f4, e, f4))
+    k.append(_rows("_ln_mod_bwd_kernel", "final LN-mod bwd", n * W * (f4 + 2 * e + 3 * e)))
+    for i in reversed(range(depth)):
+        k.append(_rows("_gate_bwd_kernel", f"block{i} dgate", n * W * 4 * e))
+        k.append(_gemm(f"block{i} fc2 dW", W, W, n, 2 * e, e, f4))
+        k.append(_gemm(f"block{i} fc2 da (SiLU')", n, W, W, 2 * e, e, e, n * W * e))
+        k.append(_gemm(f"block{i} fc1 dW", W, W, n, e, 3 * e, f4))
+        k.append(_gemm(f"block{i} fc1 du", n, W, W, e, e, f4))
+        k.append(_rows("_ln_mod_bwd_kernel", f"block{i} LN-mod bwd",
+                       n * W * (f4 + 2 * e + 4 * e)))
+    k.append(_gemm("input_proj dW", W, d, n, e, e, f4))
+    for i in range(depth):
+        k.append(_gemm(f"mod{i} dW", 3 * W, W, n, e, e, f4))
+    k.append(_gemm("mod final dW", 2 * W, W, n, e, e, f4))
+    k.append(_gemm("mod dy (SiLU')", n, W, M, e, e, f4, n * W * e))
+    return k
+
+
+def predict(kernels: List[Dict], peaks: Dict, dtype: str) -> List[Dict]:
+    """Adds ``pred_ms`` and the bound (compute or memory) to each kernel."""
+    out = []
+    for k in kernels:
+        t_c = k["flops"] / peaks[dtype]
+        t_m = k["bytes"] / peaks["bw"]
+        out.append(dict(k, pred_ms=max(t_c, t_m) * 1e3,
+                        bound="compute" if t_c >= t_m else "memory"))
+    return out
+
+
+def by_kernel(rows: List[Dict]) -> "OrderedDict[str, Dict]":
+    """Predictions summed per kernel name (what a profiler's per-name totals compare with)."""
+    agg: "OrderedDict[str, Dict]" = OrderedDict()
+    for r in rows:
+        a = agg.setdefault(r["kernel"], dict(kernel=r["kernel"], launches=0, flops=0, bytes=0,
+                                             pred_ms=0.0))
+        a["launches"] += 1
+        a["flops"] += r["flops"]
+        a["bytes"] += r["bytes"]
+        a["pred_ms"] += r["pred_ms"]
+    return agg
+
+
+def main(argv=None):
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from common import print_table
+
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gpu", default="H100")
+    ap.add_argument("--dtype", default="bf16", choices=sorted(BYTES))
+    ap.add_argument("--rows", default="7680,5120,20480")
+    args = ap.parse_args(argv)
+    peaks = peaks_for(args.gpu)
+    if peaks is None:
+        raise SystemExit(f"no peak rates for {args.gpu!r}; known: {', '.join(PEAKS)}")
+    out = []
+    for n in (int(r) for r in args.rows.split(",")):
+        rows = predict(step_kernels(n, dtype=args.dtype), peaks, args.dtype)
+        print_table(rows, ["op", "flops", "bytes", "bound", "pred_ms"],
+                    f"{n} rows, {args.dtype} on {peaks['name']} (predicted minimum per kernel)")
+        total = sum(r["pred_ms"] for r in rows)
+        print(f"step total: {total:.3f} ms predicted minimum")
+        out.append(dict(rows=n, total_pred_ms=total, kernels=rows))
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,355 @@
+"""Every Triton launch of a fused-head training step, recorded and compiled ahead of time.
+
+No GPU is needed. :func:`record_step` runs one forward + backward of :class:`FusedDiffLoss` at
+the real shapes on CPU with the launch of every ``@triton.jit`` kernel replaced by a recorder
+that keeps what the real launch would compile: the binding's signature (dtypes and the
+alignment specialisations), the constexprs, ``num_warps`` and ``num_stages``. Launch
+configurations are chosen as for a given GPU (:func:`limits.simulate_arch`).
+:func:`compile_launch` then compiles one record for that GPU with ``triton.compile`` and returns
+the facts a launch depends on: shared memory (``metadata.shared``), registers and spill bytes
+(from the ``ptxas -v`` log). These are compile-time facts; a GPU run is still needed for speed.
+
+Compiles are cached on disk (``GENDD_LAUNCH_CACHE``, default ``.launch_cache/`` at the repository
+root, git-ignored), keyed by kernel source, binding, constexprs, options, arch and Triton version.
+
+Needs the real ``triton.jit`` (``TRITON_INTERPRET`` unset); ``python -m
+gendd_fast.kernels.launch_check`` runs the check from a process of its own.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from .limits import SHARED_MEMORY_OPTIN, SUPPORTED_ARCHS, simulate_arch
+from .utils import interpreting, triton
+
+# Training shapes (head width 1024, depth 3, 64-dim tokens): images x tokens x copies rows, and
+# the condition width (the teacher feature size).
+SHAPES = {"cifar": dict(images=64, tokens=4, mul=30, z=256),      # 7,680 rows
+          "r34": dict(images=64, tokens=8, mul=10, z=512),        # 5,120 rows
+          "r50": dict(images=64, tokens=32, mul=10, z=2048)}      # 20,480 rows
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+WIDTH, DEPTH, TOKEN_DIM = 1024, 3, 64
+REGISTERS_PER_THREAD = 255
+
+
+@dataclass
+class Launch:
+    """What a kernel launch compiles: enough to rebuild its ``ASTSource``."""
+    fn: object = field(repr=False)
+    kernel: str
+    signature: Dict[str, str]
+    constexprs: Dict
+    attrs: Dict
+    num_warps: int
+    num_stages: int
+    call: str = ""  # which op launched it (GEMM shape, operand dtypes)
+
+    def key(self, arch: int) -> str:
+        blob = json.dumps([self.fn.cache_key, self.signature,
+                           sorted(map(repr, self.constexprs.items())),
+                           sorted(map(repr, self.attrs.items())), self.num_warps, self.num_stages,
+                           arch, triton.__version__], sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+    def constexpr_values(self) -> Dict[str, object]:
+        names = self.fn.arg_names
+        return {names[k[0]]: v for k, v in self.constexprs.items()}
+
+    def describe(self) -> Dict:
+        ptrs = {k: v for k, v in self.signature.items() if v.startswith("*")}
+        return dict(kernel=self.kernel, call=self.call, num_warps=self.num_warps,
+                    num_stages=self.num_stages, constexprs={k: str(v) for k, v in
+                                                            self.constexpr_values().items()},
+                    pointer_dtypes=ptrs)
+
+
+def _require_jit():
+    if triton is None:
+        raise RuntimeError("launch_check needs Triton")
+    if interpreting():
+        raise RuntimeError("launch_check needs the real triton.jit: run it without "
+                           "TRITON_INTERPRET=1 (python -m gendd_fast.kernels.launch_check)")
+
+
+@contextlib.contextmanager
+def recording(arch: int, limit: Optional[int] = None):
+    """Within the block no kernel runs: each launch is appended to the yielded list instead,
+    bound exactly as ``JITFunction.run`` binds it for a CUDA target of compute capability
+    ``arch``, and launch configurations are chosen for that arch (or a ``limit`` in bytes)."""
+    _require_jit()
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binders = {}
+    records: List[Launch] = []
+    original = JITFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        kwargs["debug"] = kwargs.get("debug", self.debug) or triton.knobs.runtime.debug
+        kwargs["instrumentation_mode"] = triton.knobs.compilation.instrumentation_mode
+        if self not in binders:
+            binders[self] = create_function_from_signature(self.signature, self.params, backend)
+        bound, spec, options = binders[self](*args, **kwargs)
+        options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound, spec,
+                                                                options)
+        records.append(Launch(self, self.__name__, signature, constexprs, attrs,
+                              options.num_warps, options.num_stages, _describe_call(bound)))
+
+    JITFunction.run = record
+    try:
+        with simulate_arch(arch, limit):
+            yield records
+    finally:
+        JITFunction.run = original
+
+
+_MODES = {0: "plain", 1: "silu", 2: "lnmod", 3: "mul"}
+_EPIS = {0: "store", 1: "gate_residual", 2: "silu_grad"}
+
+
+def _describe_call(bound) -> str:
+    """A readable name for one launch: the GEMM problem and its prologues / epilogue."""
+    if "K" in bound and "A_MODE" in bound:
+        a = _MODES[bound["A_MODE"]] + ("^T" if bound["A_T"] else "")
+        return (f"{bound['M']}x{bound['N']}x{bound['K']} A={a}:{bound['A'].dtype} "
+                f"B={_MODES[bound['B_MODE']]}:{bound['B'].dtype} epi={_EPIS[bound['EPI']]}")
+    n = bound.get("n_rows", bound.get("n"))
+    return f"rows={n}"
+
+
+def shape_rows(shape: str) -> int:
+    s = SHAPES[shape]
+    return s["images"] * s["tokens"] * s["mul"]
+
+
+def record_step(arch: int, dtype: torch.dtype, rows, width: int = WIDTH, depth: int = DEPTH,
+                token_dim: int = TOKEN_DIM, z: int = 256, device="cpu",
+                limit: Optional[int] = None) -> List[Launch]:
+    """Every launch of one training step (forward + backward) of the fused head over ``rows``
+    rows (an int, or a name in :data:`SHAPES`), with ``dtype`` the compute dtype (bf16 / fp16
+    autocast over fp32 masters, or plain fp32). Only the row count, the head's width, depth and
+    token size reach the kernels (the condition width ``z`` goes through a torch GEMM)."""
+    from ..fused_head import FusedDiffLoss
+
+    if isinstance(rows, str):
+        z, rows = SHAPES[rows]["z"], shape_rows(rows)
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.device(device):
+        head = FusedDiffLoss(token_dim, z, depth, width, "64", 1)
+    # 64 images (the condition table: a torch GEMM per image, not per row), token 0; a fifth
+    # of the rows dropped (cond_embed's bias alone)
+    images = min(rows, 64)
+    x0 = torch.randn(rows, token_dim, device=device, generator=gen)
+    z_img = torch.randn(images, z, device=device, generator=gen, requires_grad=True)
+    t = torch.randint(0, 1000, (rows,), device=device, generator=gen)
+    noise = torch.randn(rows, token_dim, device=device, generator=gen)
+    ci = torch.arange(rows, device=device) % images
+    ci = torch.where(torch.rand(rows, device=device, generator=gen) < 0.2, images, ci)
+    k = torch.zeros(rows, dtype=torch.long, device=device)
+    autocast = dtype != torch.float32
+    with recording(arch, limit) as records:
+        with torch.autocast(device.type, dtype=dtype if autocast else torch.bfloat16,
+                            enabled=autocast):
+            loss = head.row_losses(x0, t, noise, k, z_img, ci).mean()
+        loss.backward()
+    return records
+
+
+def unique_launches(records: Sequence[Launch]) -> List[Launch]:
+    """One record per distinct compiled specialisation (same kernel, binding, constexprs and
+    options compile to the same binary)."""
+    seen, out = set(), []
+    for rec in records:
+        k = rec.key(0)
+        if k not in seen:
+            seen.add(k)
+            out.append(rec)
+    return out
+
+
+def cache_dir() -> str:
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return os.environ.get("GENDD_LAUNCH_CACHE", os.path.join(root, ".launch_cache"))
+
+
+_PTXAS_REGS = re.compile(r"Used (\d+) registers")
+_PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def compile_launch(rec: Launch, arch: int, use_cache: bool = True, registers: bool = True) -> Dict:
+    """Compile ``rec`` for sm_``arch``. Returns shared (bytes), registers, spill_stores and
+    spill_loads (bytes), or ``error`` where it does not compile. ``registers=False``: shared
+    memory only, through Triton's own cache (what a launch on the device then reuses)."""
+    if not registers:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        try:
+            k = triton.compile(ASTSource(rec.fn, rec.signature, rec.constexprs, rec.attrs),
+                               target=GPUTarget("cuda", arch, 32),
+                               options=dict(num_warps=rec.num_warps, num_stages=rec.num_stages))
+            return dict(shared=int(k.metadata.shared))
+        except Exception as e:  # noqa: BLE001 - reported, with the kernel, by the caller
+            return dict(error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
+    path = os.path.join(cache_dir(), f"sm{arch}", rec.key(arch) + ".json")
+    if use_cache and os.path.exists(path):
+        with open(path) as fh:
+            return json.load(fh)
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    knobs = triton.knobs
+    log = io.StringIO()
+    saved = (knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log)
+    knobs.compilation.always_compile = True   # a Triton cache hit would skip ptxas and its log
+    knobs.nvidia.dump_ptxas_log = True
+    try:
+        with contextlib.redirect_stdout(log):
+            k = triton.compile(ASTSource(rec.fn, rec.signature, rec.constexprs, rec.attrs),
+                               target=GPUTarget("cuda", arch, 32),
+                               options=dict(num_warps=rec.num_warps, num_stages=rec.num_stages))
+        text = log.getvalue()
+        regs = [int(x) for x in _PTXAS_REGS.findall(text)]
+        spills = [(int(a), int(b)) for a, b in _PTXAS_SPILL.findall(text)]
+        if not regs:
+            raise RuntimeError(f"no register count in the ptxas log:\n{text[-2000:]}")
+        res = dict(shared=int(k.metadata.shared), registers=max(regs),
+                   spill_stores=max((a for a, _ in spills), default=0),
+                   spill_loads=max((b for _, b in spills), default=0))
+    except Exception as e:  # noqa: BLE001 - a kernel that does not compile is a finding
+        res = dict(error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
+    finally:
+        knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log = saved
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(res, fh)
+    os.replace(tmp, path)
+    return res
+
+
+# The data-centre GPUs the step is tuned for: their bf16 / fp16 GEMMs must not spill.
+SPILL_FREE_ARCHS = (80, 90, 100)
+
+
+def check(res: Dict, rec: Launch, arch: int) -> List[str]:
+    """What is wrong with one compiled launch on sm_``arch`` (empty when it fits)."""
+    name = f"sm_{arch} {rec.kernel} [{rec.call}] warps={rec.num_warps} stages={rec.num_stages}"
+    if "error" in res:
+        return [f"{name}: does not compile: {res['error']}"]
+    out = []
+    limit = SHARED_MEMORY_OPTIN[arch]
+    if res["shared"] > limit:
+        out.append(f"{name}: needs {res['shared']} B of shared memory, limit {limit} B")
+    spills = res["spill_stores"] or res["spill_loads"]
+    if arch in SPILL_FREE_ARCHS and is_hot_gemm(rec) and spills:
+        out.append(f"{name}: spills ({res['spill_stores']} B stores, {res['spill_loads']} B "
+                   f"loads, {res['registers']} registers)")
+    return out
+
+
+def is_hot_gemm(rec: Launch) -> bool:
+    """A bf16 / fp16 GEMM: the kernels that carry the step, held to no spills."""
+    if rec.kernel != "_fused_matmul_kernel":
+        return False
+    return str(rec.constexpr_values().get("DOT_DTYPE")) in ("bf16", "fp16")
+
+
+_pending: List = []
+
+
+def _compile_pending(i: int) -> Dict:
+    rec, arch, use_cache = _pending[i]
+    return compile_launch(rec, arch, use_cache)
+
+
+def run_matrix(combos, use_cache=True, jobs=1, log=print) -> Dict:
+    """Record and compile every launch of each (arch, dtype name, shape) in ``combos``; returns
+    the JSON-able summary: one row per specialisation, the problems found, the worst cases."""
+    work = []  # (arch, dtype, shape, record)
+    for arch, dname, shape in combos:
+        recs = unique_launches(record_step(arch, DTYPES[dname], shape))
+        log(f"sm_{arch} {dname} {shape}: {len(recs)} distinct specialisations")
+        work += [(arch, dname, shape, r) for r in recs]
+    _pending[:] = [(r, arch, use_cache) for arch, _, _, r in work]
+    if jobs > 1:  # fork: the children inherit the records (kernels do not pickle)
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("fork")) as ex:
+            results = list(ex.map(_compile_pending, range(len(work))))
+    else:
+        results = [_compile_pending(i) for i in range(len(work))]
+    rows, problems = [], []
+    for (arch, dname, shape, rec), res in zip(work, results):
+        bad = check(res, rec, arch)
+        problems += bad
+        rows.append(dict(arch=arch, dtype=dname, shape=shape, **rec.describe(), **res,
+                         ok=not bad))
+    return dict(rows=rows, problems=problems, worst=worst_case(rows))
+
+
+def worst_case(rows) -> Dict:
+    """Per arch: the largest shared memory and register count over every launch."""
+    out = {}
+    for r in rows:
+        if "error" in r:
+            continue
+        w = out.setdefault(f"sm_{r['arch']}", dict(limit=SHARED_MEMORY_OPTIN[r["arch"]],
+                                                   max_shared=0, max_registers=0,
+                                                   max_spill_stores_hot=0, max_spill_stores=0))
+        if r["shared"] > w["max_shared"]:
+            w.update(max_shared=r["shared"],
+                     max_shared_at=f"{r['dtype']} {r['kernel']} {r['call']}")
+        if r["registers"] > w["max_registers"]:
+            w.update(max_registers=r["registers"],
+                     max_registers_at=f"{r['dtype']} {r['kernel']} {r['call']}")
+        w["max_spill_stores"] = max(w["max_spill_stores"], r["spill_stores"])
+        if r["dtype"] != "fp32" and r["kernel"] == "_fused_matmul_kernel":
+            w["max_spill_stores_hot"] = max(w["max_spill_stores_hot"], r["spill_stores"])
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--archs", default=",".join(map(str, SUPPORTED_ARCHS)))
+    ap.add_argument("--dtypes", default="bf16,fp16,fp32")
+    ap.add_argument("--shapes", default="cifar,r34,r50")
+    ap.add_argument("--combos", default=None,
+                    help="arch:dtype:shape,... instead of the full product of the three lists")
+    ap.add_argument("--jobs", type=int, default=1, help="compile processes")
+    ap.add_argument("--no-cache", action="store_true")
+    ap.add_argument("--json", default=None, help="write the summary here")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("GENDD_FAST_POISON", "0")
+    if args.combos:
+        combos = [(int(a), d, s) for a, d, s in (c.split(":") for c in args.combos.split(","))]
+    else:
+        combos = [(int(a), d, s) for a in args.archs.split(",") for d in args.dtypes.split(",")
+                  for s in args.shapes.split(",")]
+    summary = run_matrix(combos, use_cache=not args.no_cache, jobs=args.jobs,
+                         log=lambda s: print(s, file=sys.stderr))
+    text = json.dumps(summary, indent=1)
+    if args.json:
+        with open(args.json, "w") as fh:
+            fh.write(text)
+    else:
+        print(text)
+    return 1 if summary["problems"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

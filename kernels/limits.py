@@ -1,0 +1,61 @@
+"""Per-device launch limits the GEMM configurations must respect.
+
+The shared memory a block may use (the opt-in maximum) differs threefold across the GPUs we
+support, so a tile / stage choice that fits an H100 can fail to launch on an RTX 4090 with
+``OutOfResources``. The launch code asks :func:`shared_memory_limit` for the device at hand;
+:func:`simulate_arch` makes the same code choose as it would for another GPU, so a CPU-only
+machine can record (and compile ahead of time) what each GPU would launch.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Optional
+
+import torch
+
+# Shared memory per block, opt-in maximum, in bytes (CUDA programming guide, "Technical
+# specifications per compute capability"); what torch reports as shared_memory_per_block_optin.
+SHARED_MEMORY_OPTIN = {
+    80: 166912,   # A100, A30
+    86: 101376,   # RTX 30xx, A10, A40
+    89: 101376,   # RTX 40xx, L4, L40
+    90: 232448,   # H100, H200
+    100: 232448,  # B200, GB200
+    120: 101376,  # RTX 50xx
+}
+ARCH_NAMES = {80: "A100", 86: "RTX 30xx / A10", 89: "RTX 40xx / L4 / L40", 90: "H100 / H200",
+              100: "B200", 120: "RTX 50xx"}
+SUPPORTED_ARCHS = tuple(sorted(SHARED_MEMORY_OPTIN))
+
+_simulated: Optional[int] = None  # the shared memory limit in force, bytes
+
+
+@contextlib.contextmanager
+def simulate_arch(arch: int, limit: Optional[int] = None):
+    """Within the block, launch configurations are chosen as for compute capability ``arch``
+    (e.g. 90), or for a device allowing ``limit`` bytes, whatever device the tensors are on."""
+    global _simulated
+    if limit is None and arch not in SHARED_MEMORY_OPTIN:
+        raise ValueError(f"unknown arch sm_{arch}; known: {SUPPORTED_ARCHS}")
+    old, _simulated = _simulated, int(limit if limit is not None else SHARED_MEMORY_OPTIN[arch])
+    try:
+        yield
+    finally:
+        _simulated = old
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_limit(index: int) -> int:
+    return int(torch.cuda.get_device_properties(index).shared_memory_per_block_optin)
+
+
+def shared_memory_limit(device: torch.device) -> int:
+    """Bytes of shared memory one block may use on ``device`` (or on the simulated arch)."""
+    if _simulated is not None:
+        return _simulated
+    device = torch.device(device)
+    if device.type == "cuda":
+        return _cuda_limit(device.index if device.index is not None else
+                           torch.cuda.current_device())
+    return SHARED_MEMORY_OPTIN[90]  # the interpreter: no limit applies; any table entry does
