@@ -38,9 +38,12 @@ def choose_head(cfg: Config, device: torch.device):
     return FusedDiffLoss
 
 
-def build_method(cfg: Config, num_classes: int, device: torch.device, teacher_weights=True):
-    """(distiller, teacher) on ``device``. ``teacher_weights=False`` skips loading the teacher
-    checkpoint (evaluation: the checkpoint being evaluated carries the teacher's classifier)."""
+def build_method(cfg: Config, num_classes: int, device: torch.device, teacher_weights=True,
+                 init_weights=True):
+    """(distiller, teacher) on ``device``. Evaluation passes ``teacher_weights=False`` and
+    ``init_weights=False``: the checkpoint being evaluated carries every weight (the teacher's
+    classifier and the student), so neither the teacher file nor the ``--init`` file it was
+    trained from needs to exist any more."""
     teacher = None
     if cfg.method != "ce":  # zoo + checkpoint, or timm/torchvision with their own weights
         public = (read_public(cfg.teacher_checkpoint)
@@ -50,7 +53,7 @@ def build_method(cfg: Config, num_classes: int, device: torch.device, teacher_we
             load_public_teacher(public, tmodel, cfg.teacher_checkpoint)
         teacher = Teacher(tmodel).to(device)
     student = create_model(cfg.student, num_classes)
-    if cfg.init:
+    if cfg.init and init_weights:
         notice(load_student_weights(cfg.init, student))
     head_cls = choose_head(cfg, device) if cfg.method == "gendd" else None
     distiller = build_distiller(cfg, student, teacher.model if teacher else None, head_cls)

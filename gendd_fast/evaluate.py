@@ -198,7 +198,8 @@ def main(argv=None):
     loaders = build_loaders(cfg, env.rank, env.world, env.device)
     if loaders.val is None:
         raise SystemExit("error: this dataset has no evaluation split (give --val-path)")
-    distiller, _ = build_method(cfg, loaders.num_classes, env.device, teacher_weights=False)
+    distiller, _ = build_method(cfg, loaders.num_classes, env.device, teacher_weights=False,
+                                init_weights=False)
     distiller.load_state_dict(join_state(ckpt))
     configure_sampler(distiller, cfg)
     sample = hasattr(distiller, "diffloss") and not args.no_sample

@@ -128,7 +128,8 @@ def load_run(path: str, overrides: Dict, device_pref: str, seed: int) -> Run:
     loaders = build_loaders(cfg, env.rank, env.world, env.device)
     if loaders.val is None:
         raise ValueError(f"{path}: this dataset has no evaluation split (give --val-path)")
-    distiller, _ = build_method(cfg, loaders.num_classes, env.device, teacher_weights=False)
+    distiller, _ = build_method(cfg, loaders.num_classes, env.device, teacher_weights=False,
+                                init_weights=False)
     distiller.load_state_dict(join_state(ckpt))
     # The generator state evaluate would sample from: every setting of a sweep starts from it.
     rng = (torch.get_rng_state(),

@@ -194,3 +194,23 @@ def test_sigterm_saves_and_exits_then_resume_finishes(tmp_path):
     assert r.returncode == 0 and "resumed from" in r.stderr, r.stderr[-2000:]
     after = torch.load(out / "last.pt", weights_only=False)
     assert after["global_step"] == state["global_step"] + 3
+
+
+def test_evaluate_needs_neither_the_init_nor_the_teacher_file(tmp_path, teacher_ckpt):
+    """A trained checkpoint carries every weight: evaluating it must not reload the stage-1
+    (--init) or teacher files it was trained from, which are often deleted or on another machine."""
+    import shutil
+
+    from gendd_fast import evaluate
+    teacher = os.path.join(str(tmp_path), "teacher_copy.pt")  # the shared fixture stays
+    shutil.copy(teacher_ckpt, teacher)
+    stage1 = tiny_config(tmp_path / "s1", "gendd-pretrain", teacher, epochs=1)
+    train(stage1)
+    init = os.path.join(str(tmp_path), "stage1.pt")
+    shutil.copy(os.path.join(stage1.output, "last.pt"), init)
+    cfg = tiny_config(tmp_path / "s2", "gendd", teacher, epochs=1, init=init)
+    res = train(cfg)
+    os.remove(init)
+    os.remove(teacher)
+    got = evaluate.main(["--checkpoint", os.path.join(cfg.output, "last.pt"), "--no-sample"])
+    assert got["top1"] == pytest.approx(res["top1"])
