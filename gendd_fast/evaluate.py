@@ -133,6 +133,59 @@ def format_results(results: Dict, draws: int = 1, selected_by: str = "top1") -> 
     return "\n".join(lines)
 
 
+def add_evaluation_options(p: argparse.ArgumentParser):
+    """The options every evaluation entry shares: where the data is, how to sample, where to
+    run. Each maps to the Config field of the same name (see :func:`evaluation_overrides`)."""
+    p.add_argument("--data-path", default=None, help="dataset root, if it moved")
+    p.add_argument("--val-path", default=None, help="separate evaluation root")
+    p.add_argument("--val-list", default=None, help="'path label' list of evaluation images")
+    p.add_argument("--sampling-steps", default=None, help="respacing, e.g. 64 or 100")
+    p.add_argument("--ddim-steps", type=int, default=None, help="sample with DDIM instead")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale")
+    p.add_argument("--temperature", type=float, default=None, help="sampling noise temperature")
+    p.add_argument("--num-sampling", type=int, default=None,
+                   help="draws averaged per image before classifying")
+    p.add_argument("--no-sample", action="store_true", help="student classifiers only")
+    p.add_argument("--batch-size", type=int, default=None, help="evaluation batch per process")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--amp", default=None, choices=["auto", "bf16", "fp16", "off"])
+    p.add_argument("--head", default=None, choices=["auto", "fused", "torch"])
+    p.add_argument("--workers", type=int, default=None, help="data loading workers")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
+
+
+def evaluation_overrides(args) -> Dict:
+    """Config fields the shared options override (None: keep the checkpoint's value)."""
+    return {"data_path": args.data_path, "val_path": args.val_path, "val_list": args.val_list,
+            "sampling_steps": args.sampling_steps, "ddim_steps": args.ddim_steps,
+            "cfg": args.cfg, "temperature": args.temperature,
+            "num_sampling": args.num_sampling, "eval_batch_size": args.batch_size,
+            "amp": args.amp, "head": args.head, "workers": args.workers}
+
+
+def rebuild_for_evaluation(ckpt: Dict, cfg, overrides: Dict, device_pref: str, seed: int):
+    """(cfg, env, loaders, distiller) for a checkpoint, in a fixed order (overrides, process
+    group, seed, data, model, weights) so every evaluation entry draws the same sampling noise.
+    The checkpoint carries every weight: neither the teacher nor the --init file is read."""
+    from .build import build_method
+    from .checkpoint import join_state
+    from .config import validate
+    from .data import build_loaders
+    from .distributed import init_distributed
+    cfg = dataclasses.replace(cfg, device=device_pref,
+                              **{k: v for k, v in overrides.items() if v is not None})
+    validate(cfg)
+    env = init_distributed(cfg.device)
+    torch.manual_seed(seed)
+    loaders = build_loaders(cfg, env.rank, env.world, env.device)
+    if loaders.val is None:
+        raise ValueError("this dataset has no evaluation split (give --val-path)")
+    distiller, _ = build_method(cfg, loaders.num_classes, env.device, teacher_weights=False,
+                                init_weights=False)
+    distiller.load_state_dict(join_state(ckpt))
+    return cfg, env, loaders, distiller
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m gendd_fast.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -147,31 +200,14 @@ def main(argv=None):
     p.add_argument("--train-list", default=None,
                    help="training file list (class counts for the many/medium/few-shot split)")
     p.add_argument("--shot-split", default=None, choices=["auto", "on", "off"])
-    p.add_argument("--data-path", default=None)
-    p.add_argument("--val-path", default=None)
-    p.add_argument("--val-list", default=None)
-    p.add_argument("--sampling-steps", default=None, help="respacing, e.g. 64 or 100")
-    p.add_argument("--ddim-steps", type=int, default=None, help="sample with DDIM instead")
-    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale")
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--num-sampling", type=int, default=None,
-                   help="draws averaged per image before classifying")
-    p.add_argument("--no-sample", action="store_true", help="linear probe only")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--amp", default=None, choices=["auto", "bf16", "fp16", "off"])
-    p.add_argument("--head", default=None, choices=["auto", "fused", "torch"])
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    add_evaluation_options(p)
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
     args = p.parse_args(argv)
 
-    from .build import build_method, configure_sampler, sampling_kwargs
+    from .build import configure_sampler, sampling_kwargs
+    from .checkpoint import read_checkpoint
+    from .config import Config
     from .public_checkpoint import as_trainer_checkpoint, read_public
-    from .checkpoint import join_state, read_checkpoint
-    from .config import Config, validate
-    from .data import build_loaders
-    from .distributed import init_distributed
 
     fields = {f.name for f in dataclasses.fields(Config)}
     public = read_public(args.checkpoint)
@@ -184,23 +220,10 @@ def main(argv=None):
                              f"checkpoint (no 'config'/'model') nor one of the public GenDD code "
                              f"(no 'model.*' student keys)")
         cfg = Config(**{k: v for k, v in ckpt["config"].items() if k in fields})
-    over = {"data_path": args.data_path, "val_path": args.val_path, "val_list": args.val_list,
-            "sampling_steps": args.sampling_steps, "ddim_steps": args.ddim_steps,
-            "cfg": args.cfg, "temperature": args.temperature, "num_sampling": args.num_sampling,
-            "eval_batch_size": args.batch_size, "amp": args.amp, "head": args.head,
-            "workers": args.workers, "train_list": args.train_list,
-            "shot_split": args.shot_split}
-    cfg = dataclasses.replace(cfg, device=args.device,
-                              **{k: v for k, v in over.items() if v is not None})
-    validate(cfg)
-    env = init_distributed(cfg.device)
-    torch.manual_seed(args.seed)
-    loaders = build_loaders(cfg, env.rank, env.world, env.device)
-    if loaders.val is None:
-        raise SystemExit("error: this dataset has no evaluation split (give --val-path)")
-    distiller, _ = build_method(cfg, loaders.num_classes, env.device, teacher_weights=False,
-                                init_weights=False)
-    distiller.load_state_dict(join_state(ckpt))
+    over = dict(evaluation_overrides(args), train_list=args.train_list,
+                shot_split=args.shot_split)
+    cfg, env, loaders, distiller = rebuild_for_evaluation(ckpt, cfg, over, args.device,
+                                                          args.seed)
     configure_sampler(distiller, cfg)
     sample = hasattr(distiller, "diffloss") and not args.no_sample
     counts = training_class_counts(cfg)

@@ -27,6 +27,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from .evaluate import add_evaluation_options, evaluation_overrides
+
 DDPM_STEPS = (100, 64, 32, 16)
 DDIM_STEPS = (50, 25, 10, 5)
 # Config fields that do not make two runs different recipes.
@@ -74,21 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="respaced ancestral steps of the sweep")
     p.add_argument("--sweep-ddim", type=int, nargs="*", default=list(DDIM_STEPS),
                    help="DDIM steps of the sweep")
-    p.add_argument("--data-path", default=None)
-    p.add_argument("--val-path", default=None)
-    p.add_argument("--val-list", default=None)
-    p.add_argument("--sampling-steps", default=None)
-    p.add_argument("--ddim-steps", type=int, default=None)
-    p.add_argument("--cfg", type=float, default=None)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--num-sampling", type=int, default=None)
-    p.add_argument("--no-sample", action="store_true", help="student classifiers only")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--amp", default=None, choices=["auto", "bf16", "fp16", "off"])
-    p.add_argument("--head", default=None, choices=["auto", "fused", "torch"])
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    add_evaluation_options(p)
     return p
 
 
@@ -108,11 +96,9 @@ class Run:
 def load_run(path: str, overrides: Dict, device_pref: str, seed: int) -> Run:
     """A trainer checkpoint rebuilt in the order evaluate uses (seed, data, model, weights),
     so results match ``python -m gendd_fast.evaluate``."""
-    from .checkpoint import join_state, read_checkpoint
-    from .config import Config, validate
-    from .data import build_loaders
-    from .distributed import init_distributed
-    from .build import build_method
+    from .checkpoint import read_checkpoint
+    from .config import Config
+    from .evaluate import rebuild_for_evaluation
 
     ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
@@ -120,17 +106,11 @@ def load_run(path: str, overrides: Dict, device_pref: str, seed: int) -> Run:
                          f"'model')")
     fields = {f.name for f in dataclasses.fields(Config)}
     cfg = Config(**{k: v for k, v in ckpt["config"].items() if k in fields})
-    cfg = dataclasses.replace(cfg, device=device_pref,
-                              **{k: v for k, v in overrides.items() if v is not None})
-    validate(cfg)
-    env = init_distributed(cfg.device)
-    torch.manual_seed(seed)
-    loaders = build_loaders(cfg, env.rank, env.world, env.device)
-    if loaders.val is None:
-        raise ValueError(f"{path}: this dataset has no evaluation split (give --val-path)")
-    distiller, _ = build_method(cfg, loaders.num_classes, env.device, teacher_weights=False,
-                                init_weights=False)
-    distiller.load_state_dict(join_state(ckpt))
+    try:
+        cfg, env, loaders, distiller = rebuild_for_evaluation(ckpt, cfg, overrides,
+                                                              device_pref, seed)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     # The generator state evaluate would sample from: every setting of a sweep starts from it.
     rng = (torch.get_rng_state(),
            torch.cuda.get_rng_state(env.device) if env.device.type == "cuda" else None)
@@ -277,11 +257,7 @@ def write_csv(path: str, runs: Sequence[Dict], rows: Sequence[Dict]):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    over = {"data_path": args.data_path, "val_path": args.val_path, "val_list": args.val_list,
-            "sampling_steps": args.sampling_steps, "ddim_steps": args.ddim_steps,
-            "cfg": args.cfg, "temperature": args.temperature, "num_sampling": args.num_sampling,
-            "eval_batch_size": args.batch_size, "amp": args.amp, "head": args.head,
-            "workers": args.workers}
+    over = evaluation_overrides(args)
     sweep = {"ddpm": args.sweep_ddpm, "ddim": args.sweep_ddim} if args.steps_sweep else None
     runs = evaluate_checkpoints(args.checkpoint, over, args.device, args.seed,
                                 sample=not args.no_sample, sweep=sweep)
