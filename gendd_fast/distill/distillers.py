@@ -75,10 +75,6 @@ class Distiller(nn.Module):
         with autocast:
             return {"": self.predict(images)}
 
-    def no_decay_names(self):
-        """Parameters kept out of weight decay: every 1-D parameter (biases, norms)."""
-        return {n for n, p in self.named_parameters() if p.ndim <= 1}
-
 
 class CE(Distiller):
     def forward(self, images, labels, teacher_out=None, progress: float = 0.0):
@@ -248,11 +244,6 @@ class GenDD(Distiller):
         self.smooth, self.use_labels = smooth, labels
         if not labels:  # no labels, no linear probe to train
             self.student.fc.requires_grad_(False)
-
-    def no_decay_names(self):
-        head = {n for n, _ in self.named_parameters()
-                if n.startswith(("diffloss.", "cls_projector."))}
-        return super().no_decay_names() | head
 
     def predict(self, images):
         """The linear probe: the student's own classifier on its feature."""
