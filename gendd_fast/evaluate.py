@@ -31,10 +31,11 @@ def class_counts_from_list(samples) -> torch.Tensor:
     return torch.bincount(labels)
 
 
-def training_class_counts(cfg) -> Optional[torch.Tensor]:
+def training_class_counts(cfg, num_classes: Optional[int] = None) -> Optional[torch.Tensor]:
     """Per-class training counts when the shot split applies (``--shot-split``): ``on`` needs a
     ``--train-list``; ``auto`` reports for a training list whose counts span the many-shot and
-    the few-shot groups (a long-tailed list, as ImageNet-LT's)."""
+    the few-shot groups (a long-tailed list, as ImageNet-LT's). Classes the list never names
+    count 0, up to ``num_classes`` (the model's) or ``--num-classes``."""
     if cfg.shot_split == "off":
         return None
     if not (cfg.dataset == "filelist" and cfg.train_list):
@@ -48,8 +49,9 @@ def training_class_counts(cfg) -> Optional[torch.Tensor]:
     if cfg.data_path and not os.path.isabs(path) and not os.path.exists(path):
         path = os.path.join(cfg.data_path, path)
     counts = class_counts_from_list(read_file_list(path, cfg.data_path))
-    if cfg.num_classes and counts.numel() < cfg.num_classes:
-        counts = torch.cat([counts, counts.new_zeros(cfg.num_classes - counts.numel())])
+    total = max(num_classes or 0, cfg.num_classes or 0)
+    if counts.numel() < total:
+        counts = torch.cat([counts, counts.new_zeros(total - counts.numel())])
     long_tailed = bool((counts > 100).any()) and bool(((counts > 0) & (counts < 20)).any())
     return counts if (cfg.shot_split == "on" or long_tailed) else None
 
@@ -226,9 +228,7 @@ def main(argv=None):
                                                           args.seed)
     configure_sampler(distiller, cfg)
     sample = hasattr(distiller, "diffloss") and not args.no_sample
-    counts = training_class_counts(cfg)
-    if counts is not None and counts.numel() < loaders.num_classes:
-        counts = torch.cat([counts, counts.new_zeros(loaders.num_classes - counts.numel())])
+    counts = training_class_counts(cfg, loaders.num_classes)
     res = evaluate(distiller, loaders.val, env.device, resolve_amp(cfg.amp, env.device),
                    sample=sample, sample_kw=sampling_kwargs(cfg), class_counts=counts)
     res.update(checkpoint=args.checkpoint, method=cfg.method,

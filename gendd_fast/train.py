@@ -312,10 +312,7 @@ class Trainer:
             elif cfg.sample_eval == "never":
                 notice("unsupervised GenDD with --sample-eval never: best.pt is chosen by an "
                        "untrained linear probe and means nothing; use --sample-eval every")
-        counts = training_class_counts(cfg)
-        if counts is not None and counts.numel() < self.num_classes:
-            counts = torch.cat([counts, counts.new_zeros(self.num_classes - counts.numel())])
-        self.class_counts = counts
+        self.class_counts = training_class_counts(cfg, self.num_classes)
         self.eval_kw = dict(self.sample_kw, num_sampling=1)  # during training: one draw
 
     def _evaluate(self, sample: bool, sample_kw: Dict) -> Dict:

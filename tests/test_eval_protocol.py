@@ -167,3 +167,14 @@ def test_table_lists_last_and_best():
                for r in lines)
     assert any("few-shot" in r and r.endswith("|        - |        - |") for r in lines)
     assert lines[-1] == "best.pt: epoch 7, chosen by sampling top-1"
+
+
+def test_classes_a_training_list_never_names_count_zero(tmp_path):
+    """A long-tailed list whose last classes have no training image: their counts are 0 up to
+    the model's class count (they fall in the few-shot group), not missing."""
+    root = str(tmp_path)
+    train_list = _png_list(root, "train.txt", [101, 20, 5])
+    cfg = tiny_config(tmp_path, "ce", dataset="filelist", data_path=root, train_list=train_list,
+                      val_list=train_list)
+    assert training_class_counts(cfg, 5).tolist() == [101, 20, 5, 0, 0]
+    assert training_class_counts(cfg).tolist() == [101, 20, 5, 0]  # --num-classes 4

@@ -27,15 +27,21 @@ KERNELS = {"_noise_injection_kernel", "_timestep_features_kernel", "_condition_k
            "_ln_mod_bwd_kernel", "_gate_bwd_kernel"}
 
 
-def run_check(combos, tmp_path):
+def run_compiler_side(args):
+    """Run ``python ARGS`` outside the interpreter: AOT compilation needs real Triton launch
+    bindings, which TRITON_INTERPRET replaces."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env["GENDD_FAST_POISON"] = "0"
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=1800)
+
+
+def run_check(combos, tmp_path):
     out = tmp_path / "launches.json"
-    cmd = [sys.executable, "-m", "gendd_fast.kernels.launch_check", "--combos", combos,
-           "--jobs", "2", "--json", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    proc = run_compiler_side(["-m", "gendd_fast.kernels.launch_check", "--combos", combos,
+                              "--jobs", "2", "--json", str(out)])
     assert out.exists(), proc.stderr[-3000:]
     return proc, json.loads(out.read_text())
 
@@ -61,17 +67,12 @@ def test_every_launch_compiles_and_fits(tmp_path):
 def test_recorder_sees_every_gemm_of_the_step():
     """The recorder must see the whole step: 12 forward GEMMs (4 modulation, input, 2 x 3
     blocks, final) and 20 backward (4 + 1 modulation, 2 final, 4 x 3 blocks, input weight)."""
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["GENDD_FAST_POISON"] = "0"
     code = ("import collections, torch\n"
             "from gendd_fast.kernels import launch_check as lc\n"
             "recs = lc.record_step(80, torch.bfloat16, 'r34')\n"
             "print(collections.Counter(r.kernel for r in recs)['_fused_matmul_kernel'])\n"
             "print(sorted({r.signature['A'] for r in recs if r.kernel == '_fused_matmul_kernel'}))")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=1800)
+    proc = run_compiler_side(["-c", code])
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert int(lines[0]) == 32
@@ -84,10 +85,6 @@ def test_launch_problem_names_the_kernel_and_the_limit():
     fits, and a configuration whose compiled shared memory exceeds the limit (the estimate
     disabled, so the first choice is taken whatever it needs) are both reported by name. (That
     every launch fits where it should is the subset test above.)"""
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["GENDD_FAST_POISON"] = "0"
     code = ("import torch\n"
             "from gendd_fast.fused_head import launch_problem\n"
             "from gendd_fast.kernels import matmul\n"
@@ -95,8 +92,7 @@ def test_launch_problem_names_the_kernel_and_the_limit():
             "print(launch_problem(80, 16384, torch.bfloat16, shapes))\n"
             "matmul.SMEM_MARGIN = -10 ** 9\n"
             "print(launch_problem(86, 101376, torch.float32, shapes))\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=1800)
+    proc = run_compiler_side(["-c", code])
     assert proc.returncode == 0, proc.stderr[-3000:]
     no_fit, over = proc.stdout.strip().splitlines()[-2:]
     assert "no GEMM tile fits 16384 bytes of shared memory" in no_fit
