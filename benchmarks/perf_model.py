@@ -50,10 +50,18 @@ def _rows(kernel, op, n_bytes):
 
 
 def step_kernels(rows: int, width: int = 1024, depth: int = 3, token_dim: int = 64,
-                 dtype: str = "bf16", steps: int = 1000) -> List[Dict]:
-    """Every Triton kernel of one forward + backward of FusedDiffLoss, in launch order (the
-    torch GEMMs of the time MLP and the condition embedding are left out: one per timestep /
-    image, not per row)."""
+                 dtype: str = "bf16", steps: int = 1000, version: str = "current") -> List[Dict]:
+    """Every Triton kernel of one forward + backward of FusedDiffLoss, in launch order.
+    ``version="v0"``: the dataflow before the one-function step (per-op autograd functions)."""
+    if version == "current":
+        return step_kernels_current(rows, width, depth, token_dim, dtype, steps)
+    return step_kernels_v0(rows, width, depth, token_dim, dtype, steps)
+
+
+def step_kernels_v0(rows: int, width: int = 1024, depth: int = 3, token_dim: int = 64,
+                    dtype: str = "bf16", steps: int = 1000) -> List[Dict]:
+    """The per-op dataflow (the torch GEMMs of the time MLP and the condition embedding are
+    left out: one per timestep / image, not per row; the torch glue is measured separately)."""
     n, W, d, e = rows, width, token_dim, BYTES[dtype]
     steps = min(steps, rows)  # the time MLP runs once per distinct timestep
     M = 3 * W * depth + 2 * W  # modulation columns
@@ -90,6 +98,10 @@ def step_kernels(rows: int, width: int = 1024, depth: int = 3, token_dim: int = 
     k.append(_gemm("mod final dW", 2 * W, W, n, e, e, f4))
     k.append(_gemm("mod dy (SiLU')", n, W, M, e, e, f4, n * W * e))
     return k
+
+
+def step_kernels_current(rows, width=1024, depth=3, token_dim=64, dtype="bf16", steps=1000):
+    return step_kernels_v0(rows, width, depth, token_dim, dtype, steps)  # replaced below
 
 
 def predict(kernels: List[Dict], peaks: Dict, dtype: str) -> List[Dict]:

@@ -9,6 +9,9 @@ never written to memory:
 - ``LNMOD``: ``LN(X)[row] * (1 + scale[row, col]) + shift[row, col]``, LN from the row's
   precomputed mean / rstd and an optional per-column affine (the block's ``in_ln``)
 - ``MUL``: ``X * Y``                                           (``g * gate`` in backward)
+- ``NOISE``: ``sqrt(abar[t[row]]) * X + sqrt(1 - abar[t[row]]) * Y``: ``x_t`` from ``x0`` and
+  the noise, formed in the tile (``mean`` = t, ``rstd`` / ``ln_w`` = the two fp32 tables), so
+  ``x_t`` is never written
 
 Operand A is read as ``X[m, k]``, or as ``X[k, m]`` transposed (``a_t``: the weight-gradient
 GEMMs, whose reduction runs over the rows). Operand B is ``X[k, n]`` with arbitrary strides
@@ -19,9 +22,18 @@ Epilogues (on the fp32 accumulator, plus an optional per-column bias):
 - ``STORE``: ``C = acc``
 - ``GATE_RESIDUAL``: ``V = acc``; ``C = R + G * V`` (stores both V and C)
 - ``SILU_GRAD``: ``C = acc * SiLU'(P)`` (backward through a SiLU whose input P was kept)
+- ``SCATTER``: ``SILU_GRAD``, then the tile is not stored but added (atomically) into three
+  fp32 tables at the rows ``idx0[m]``, ``idx1[m]``, ``idx2[m]`` (the condition backward:
+  ``y[r] = temb[t[r]] + cond[ci[r]] + pos[k[r]]`` scatters ``dy`` back)
+
+Column sums for bias gradients ride along where a kernel already holds the tensor: with a
+``part`` buffer, ``c_sum`` (column offset) stores each M tile's column sums of C, ``c_sum2`` a
+second copy, ``a_sum`` the column sums of the A tile (pid_n == 0 programs); the caller reduces
+the partial rows of all of them in one ``sum`` at the end of the step.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -30,15 +42,17 @@ import torch
 from .limits import shared_memory_limit
 from .utils import interpreting, tl, triton
 
-PLAIN, SILU, LNMOD, MUL = 0, 1, 2, 3
-STORE, GATE_RESIDUAL, SILU_GRAD = 0, 1, 2
+PLAIN, SILU, LNMOD, MUL, NOISE = 0, 1, 2, 3, 4
+STORE, GATE_RESIDUAL, SILU_GRAD, SCATTER = 0, 1, 2, 3
 
 
 @dataclass
 class Operand:
     """A logical matrix and its prologue. ``x`` is 2-D with any strides; ``aux``/``shift`` are
     (rows, cols) tensors (MUL: the factor; LNMOD: 1 + scale is applied to ``aux`` = scale);
-    ``mean``/``rstd`` are (rows,) fp32; ``ln_w``/``ln_b`` are (cols,) or None."""
+    ``mean``/``rstd`` are (rows,) fp32; ``ln_w``/``ln_b`` are (cols,) or None. NOISE: ``aux`` is the
+    noise, ``mean`` the (rows,) timesteps, ``rstd`` / ``ln_w`` the sqrt(abar) / sqrt(1 - abar)
+    tables."""
     x: torch.Tensor
     mode: int = PLAIN
     aux: Optional[torch.Tensor] = None
@@ -77,6 +91,13 @@ if triton is not None:
             y = tl.load(AUX + r[:, None] * sa0 + c[None, :] * sa1, mask=mask,
                         other=0.0).to(tl.float32)
             x = x * y
+        elif MODE == 4:  # x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
+            tt = tl.load(MEAN + r, mask=r < R, other=0)
+            ca = tl.load(RSTD + tt, mask=r < R, other=0.0)
+            cb = tl.load(LNW + tt, mask=r < R, other=0.0)
+            e = tl.load(AUX + r[:, None] * sa0 + c[None, :] * sa1, mask=mask,
+                        other=0.0).to(tl.float32)
+            x = ca[:, None] * x + cb[:, None] * e
         return x
 
     @triton.jit
@@ -89,6 +110,8 @@ if triton is not None:
             B_AFFINE: tl.constexpr,
             C, sc0, sc1, BIAS, HAS_BIAS: tl.constexpr, EPI: tl.constexpr,
             E1, se10, se11, E2, se20, se21, V, sv0, sv1,
+            PART, sp0, A_SUM: tl.constexpr, oa, C_SUM: tl.constexpr, oc, C_SUM2: tl.constexpr,
+            oc2, I0, I1, I2, T0, T1, T2,
             M, N, K,
             DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -114,6 +137,10 @@ if triton is not None:
             else:
                 a = _load_tile(A, sa0, sa1, offs_m, offs_k, M, K, A_MODE, A_AUX, saa0, saa1,
                                A_SH, sas0, sas1, A_MEAN, A_RSTD, A_LNW, A_LNB, A_AFFINE)
+                if A_SUM:  # column sums of A over this tile's rows (a bias gradient)
+                    if pid_n == 0:
+                        tl.store(PART + pid_m * sp0 + oa + offs_k, tl.sum(a, axis=0),
+                                 mask=offs_k < K)
             b = _load_tile(B, sb0, sb1, offs_k, offs_n, K, N, B_MODE, B_AUX, sba0, sba1,
                            B_SH, sbs0, sbs1, B_MEAN, B_RSTD, B_LNW, B_LNB, B_AFFINE)
             if IEEE:
@@ -132,15 +159,30 @@ if triton is not None:
             gate = tl.load(E2 + offs_m[:, None] * se20 + offs_n[None, :] * se21, mask=mask,
                            other=0.0).to(tl.float32)
             acc = res + gate * acc
-        elif EPI == 2:  # C = acc * SiLU'(P)
+        elif EPI >= 2:  # C = acc * SiLU'(P)
             p = tl.load(E1 + offs_m[:, None] * se10 + offs_n[None, :] * se11, mask=mask,
                         other=0.0).to(tl.float32)
             sig = tl.sigmoid(p)
             acc = acc * sig * (1.0 + p * (1.0 - sig))
-        tl.store(C + offs_m[:, None] * sc0 + offs_n[None, :] * sc1, acc.to(C.dtype.element_ty),
-                 mask=mask)
+        if C_SUM:  # this tile's column sums of C (a bias gradient), reduced by the caller
+            csum = tl.sum(tl.where(mask, acc, 0.0), axis=0)
+            tl.store(PART + pid_m * sp0 + oc + offs_n, csum, mask=offs_n < N)
+            if C_SUM2:
+                tl.store(PART + pid_m * sp0 + oc2 + offs_n, csum, mask=offs_n < N)
+        if EPI == 3:  # scatter-add the rows into three fp32 (rows, N) tables
+            mm = offs_m < M
+            i0 = tl.load(I0 + offs_m, mask=mm, other=0)
+            i1 = tl.load(I1 + offs_m, mask=mm, other=0)
+            i2 = tl.load(I2 + offs_m, mask=mm, other=0)
+            tl.atomic_add(T0 + i0[:, None] * N + offs_n[None, :], acc, mask=mask)
+            tl.atomic_add(T1 + i1[:, None] * N + offs_n[None, :], acc, mask=mask)
+            tl.atomic_add(T2 + i2[:, None] * N + offs_n[None, :], acc, mask=mask)
+        else:
+            tl.store(C + offs_m[:, None] * sc0 + offs_n[None, :] * sc1,
+                     acc.to(C.dtype.element_ty), mask=mask)
 
 
+_DOT_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 _TL_DTYPE = {}
 if triton is not None:
     _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -173,6 +215,7 @@ def smem_estimate(bm, bn, bk, stages, a_bytes, b_bytes, dot_bytes, transformed):
     return max(pipe + staged, bm * bn * 4) + SMEM_MARGIN
 
 
+@functools.lru_cache(maxsize=4096)
 def _launch_config(M: int, N: int, K: int, a_bytes: int = 4, b_bytes: int = 4,
                    dot_bytes: int = 4, transformed: bool = True, smem_limit: int = 232448,
                    heavy: bool = False, a_t: bool = False):
@@ -181,7 +224,10 @@ def _launch_config(M: int, N: int, K: int, a_bytes: int = 4, b_bytes: int = 4,
     weight-gradient GEMMs (small M x N, long K) use smaller tiles for occupancy; a LayerNorm or
     SiLU prologue keeps a whole fp32 tile live, so 128-row tiles get 8 warps; ``heavy`` (the
     SiLU' epilogue, which loads a tile and keeps it live beside the accumulator) takes 64-column
-    tiles: at 128 x 128, ptxas spills there on sm_80 and sm_90."""
+    tiles: at 128 x 128, ptxas spills there on sm_80 and sm_90.
+
+    Cached: the search runs once per (problem, operand bytes, shared-memory limit), not per
+    launch."""
     if interpreting():
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
     if M * N <= 2048 * 2048 and K > 4 * max(M, N):
@@ -208,7 +254,7 @@ def _launch_config(M: int, N: int, K: int, a_bytes: int = 4, b_bytes: int = 4,
 def _operand_bytes(op: Operand) -> int:
     """Bytes loaded per element of the logical operand (every tensor its prologue reads)."""
     n = op.x.element_size()
-    if op.mode in (LNMOD, MUL):
+    if op.mode in (LNMOD, MUL, NOISE):
         n += op.aux.element_size()
     if op.mode == LNMOD:
         n += op.shift.element_size()
@@ -235,33 +281,46 @@ def _operand_args(op: Operand, dummy: torch.Tensor):
             op.ln_w is not None)
 
 
-def fused_matmul(a: Operand, b: Operand, out: torch.Tensor, a_t: bool = False,
+def fused_matmul(a: Operand, b: Operand, out: Optional[torch.Tensor], a_t: bool = False,
                  bias: Optional[torch.Tensor] = None, epilogue: int = STORE,
                  e1: Optional[torch.Tensor] = None, e2: Optional[torch.Tensor] = None,
                  v_out: Optional[torch.Tensor] = None, dot_dtype: torch.dtype = torch.float32,
-                 ieee: bool = True) -> torch.Tensor:
-    """``out (M, N) <- epilogue(opA @ opB + bias)``; see the module docstring."""
-    M, N = out.shape
-    K = a.x.shape[0] if a_t else a.x.shape[1]
-    if (a.x.shape[1] if a_t else a.x.shape[0]) != M or b.x.shape != (K, N):
-        raise ValueError(f"fused_matmul: shapes do not chain: A {tuple(a.x.shape)} "
-                         f"(transposed={a_t}), B {tuple(b.x.shape)}, out {tuple(out.shape)}")
-    a, b = _narrow(a, dot_dtype), _narrow(b, dot_dtype)
-    dummy = out
+                 ieee: bool = True, part: Optional[torch.Tensor] = None, a_sum: int = -1,
+                 c_sum: int = -1, c_sum2: int = -1, scatter=None, narrow: bool = True,
+                 shape=None) -> Optional[torch.Tensor]:
+    """``out (M, N) <- epilogue(opA @ opB + bias)``; see the module docstring.
+
+    ``part``: the (rows, cols) fp32 partial-sum buffer, with ``a_sum`` / ``c_sum`` / ``c_sum2``
+    the column offsets written (-1: none). ``scatter``: ``(idx0, idx1, idx2, t0, t1, t2)`` for
+    the SCATTER epilogue, which stores no ``out`` (then ``shape`` = (M, N)). ``narrow=False``
+    keeps plain fp32 operands as they are (their tiles are cast in the kernel)."""
+    M, N = out.shape if out is not None else shape
+    ax = a.x
+    K = ax.shape[0] if a_t else ax.shape[1]
+    if (ax.shape[1] if a_t else ax.shape[0]) != M or b.x.shape != (K, N):
+        raise ValueError(f"fused_matmul: shapes do not chain: A {tuple(ax.shape)} "
+                         f"(transposed={a_t}), B {tuple(b.x.shape)}, out {(M, N)}")
+    if narrow:
+        a, b = _narrow(a, dot_dtype), _narrow(b, dot_dtype)
+    dummy = out if out is not None else scatter[3]
     e1 = e1 if e1 is not None else dummy
     e2 = e2 if e2 is not None else dummy
     v = v_out if v_out is not None else dummy
-    dot_bytes = torch.empty((), dtype=dot_dtype).element_size()
-    cfg = _launch_config(M, N, K, _operand_bytes(a), _operand_bytes(b), dot_bytes,
+    pt = part if part is not None else dummy
+    i0, i1, i2, t0, t1, t2 = scatter if scatter is not None else (dummy,) * 6
+    cfg = _launch_config(M, N, K, _operand_bytes(a), _operand_bytes(b), _DOT_BYTES[dot_dtype],
                          a.mode != PLAIN or b.mode != PLAIN or a_t,
-                         shared_memory_limit(out.device), epilogue == SILU_GRAD, a_t)
+                         shared_memory_limit(dummy.device), epilogue in (SILU_GRAD, SCATTER), a_t)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    c = out if out is not None else dummy
     _fused_matmul_kernel[grid](
         a.x, a.x.stride(0), a.x.stride(1), a.mode, a_t, *_operand_args(a, dummy),
         b.x, b.x.stride(0), b.x.stride(1), b.mode, *_operand_args(b, dummy),
-        out, out.stride(0), out.stride(1), bias if bias is not None else dummy, bias is not None,
+        c, c.stride(0), c.stride(1), bias if bias is not None else dummy, bias is not None,
         epilogue, e1, e1.stride(0), e1.stride(1), e2, e2.stride(0), e2.stride(1),
-        v, v.stride(0), v.stride(1), M, N, K,
+        v, v.stride(0), v.stride(1),
+        pt, pt.stride(0), a_sum >= 0, max(a_sum, 0), c_sum >= 0, max(c_sum, 0), c_sum2 >= 0,
+        max(c_sum2, 0), i0, i1, i2, t0, t1, t2, M, N, K,
         DOT_DTYPE=_TL_DTYPE[dot_dtype], IEEE=ieee and dot_dtype == torch.float32, **cfg)
     return out
 
