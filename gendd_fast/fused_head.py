@@ -148,7 +148,11 @@ class FusedDiffLoss(DiffLoss):
         return cache[key]
 
     def _masters(self):
-        """The parameters in :func:`kernels.head_step.master_index` order."""
+        """The parameters in :func:`kernels.head_step.master_index` order (looked up once: the
+        Parameter objects survive ``.to``, ``load_state_dict`` and optimizer steps)."""
+        cached = self.__dict__.get("_fused_masters")
+        if cached is not None and cached[0] is self.net:
+            return cached[1]
         net = self.net
         te = net.time_embed.mlp
         out = [te[0].weight, te[0].bias, te[2].weight, te[2].bias, net.cond_embed.weight,
@@ -162,6 +166,7 @@ class FusedDiffLoss(DiffLoss):
             out += [b.in_ln.weight, b.in_ln.bias, b.mlp[0].weight, b.mlp[0].bias,
                     b.mlp[2].weight, b.mlp[2].bias]
         out += [net.final_layer.linear.weight, net.final_layer.linear.bias]
+        self.__dict__["_fused_masters"] = (net, out)
         return out
 
     def step_weights(self, dt, device, masters=None):

@@ -23,6 +23,7 @@ condition-table gradients' summation order vary run to run (as ``index_add_`` on
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import List
 
@@ -68,6 +69,7 @@ class StepConsts:
     sqrt_1mac: torch.Tensor
 
 
+@functools.lru_cache(maxsize=None)
 def master_index(depth: int):
     """Positions of the master parameters in the function's argument list."""
     idx = {k: i for i, k in enumerate(HEAD_NAMES)}
@@ -83,6 +85,11 @@ def master_index(depth: int):
     idx["fin_w"], idx["fin_b"] = pos, pos + 1
     idx["count"] = pos + 2
     return idx
+
+
+@functools.lru_cache(maxsize=None)
+def _cols(W, depth, d):
+    return _Cols(W, depth, d)
 
 
 class _Cols:
@@ -163,7 +170,7 @@ class HeadStepFunction(torch.autograd.Function):
         L = shapes[ix["pos"]][0]
         dev = x0.device
         kw = dict(dot_dtype=dt, narrow=False)
-        cols = _Cols(W, D, d)
+        cols = _cols(W, D, d)
         MW = cols.MW
         # fp32 weight gradients + the reduced sums, in one buffer (the masters' .grad)
         wshapes = ([(W, 256), (W, W), (W, zc), (MW, W), (W, d)] + [(W, W)] * (2 * D)

@@ -67,9 +67,10 @@ if triton is not None:
 
     @triton.jit
     def _load_tile(X, sx0, sx1, r, c, R, C, MODE: tl.constexpr,
-                   AUX, sa0, sa1, SH, ss0, ss1, MEAN, RSTD, LNW, LNB,
+                   AUX, sa0, sa1, SH, MEAN, RSTD, LNW, LNB,
                    HAS_AFFINE: tl.constexpr):
-        """Tile X[r, c] (fp32) after the prologue; out-of-range entries are 0."""
+        """Tile X[r, c] (fp32) after the prologue; out-of-range entries are 0. SH (the shift)
+        shares AUX's (the scale's) strides."""
         mask = (r[:, None] < R) & (c[None, :] < C)
         x = tl.load(X + r[:, None] * sx0 + c[None, :] * sx1, mask=mask, other=0.0).to(tl.float32)
         if MODE == 1:
@@ -84,7 +85,7 @@ if triton is not None:
                 x = x * w[None, :] + b[None, :]
             sc = tl.load(AUX + r[:, None] * sa0 + c[None, :] * sa1, mask=mask,
                          other=0.0).to(tl.float32)
-            sh = tl.load(SH + r[:, None] * ss0 + c[None, :] * ss1, mask=mask,
+            sh = tl.load(SH + r[:, None] * sa0 + c[None, :] * sa1, mask=mask,
                          other=0.0).to(tl.float32)
             x = tl.where(mask, x * (1.0 + sc) + sh, 0.0)
         elif MODE == 3:
@@ -103,13 +104,13 @@ if triton is not None:
     @triton.jit
     def _fused_matmul_kernel(
             A, sa0, sa1, A_MODE: tl.constexpr, A_T: tl.constexpr,
-            A_AUX, saa0, saa1, A_SH, sas0, sas1, A_MEAN, A_RSTD, A_LNW, A_LNB,
+            A_AUX, saa0, saa1, A_SH, A_MEAN, A_RSTD, A_LNW, A_LNB,
             A_AFFINE: tl.constexpr,
             B, sb0, sb1, B_MODE: tl.constexpr,
-            B_AUX, sba0, sba1, B_SH, sbs0, sbs1, B_MEAN, B_RSTD, B_LNW, B_LNB,
+            B_AUX, sba0, sba1, B_SH, B_MEAN, B_RSTD, B_LNW, B_LNB,
             B_AFFINE: tl.constexpr,
-            C, sc0, sc1, BIAS, HAS_BIAS: tl.constexpr, EPI: tl.constexpr,
-            E1, se10, se11, E2, se20, se21, V, sv0, sv1,
+            C, sc0, BIAS, HAS_BIAS: tl.constexpr, EPI: tl.constexpr,
+            E1, se10, E2, se20, V, sv0,
             PART, sp0, A_SUM: tl.constexpr, oa, C_SUM: tl.constexpr, oc, C_SUM2: tl.constexpr,
             oc2, I0, I1, I2, T0, T1, T2,
             M, N, K,
@@ -132,17 +133,17 @@ if triton is not None:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             if A_T:  # A = X^T: load X[k, m] and transpose
                 a = _load_tile(A, sa0, sa1, offs_k, offs_m, K, M, A_MODE, A_AUX, saa0, saa1,
-                               A_SH, sas0, sas1, A_MEAN, A_RSTD, A_LNW, A_LNB, A_AFFINE)
+                               A_SH, A_MEAN, A_RSTD, A_LNW, A_LNB, A_AFFINE)
                 a = tl.trans(a)
             else:
                 a = _load_tile(A, sa0, sa1, offs_m, offs_k, M, K, A_MODE, A_AUX, saa0, saa1,
-                               A_SH, sas0, sas1, A_MEAN, A_RSTD, A_LNW, A_LNB, A_AFFINE)
+                               A_SH, A_MEAN, A_RSTD, A_LNW, A_LNB, A_AFFINE)
                 if A_SUM:  # column sums of A over this tile's rows (a bias gradient)
                     if pid_n == 0:
                         tl.store(PART + pid_m * sp0 + oa + offs_k, tl.sum(a, axis=0),
                                  mask=offs_k < K)
             b = _load_tile(B, sb0, sb1, offs_k, offs_n, K, N, B_MODE, B_AUX, sba0, sba1,
-                           B_SH, sbs0, sbs1, B_MEAN, B_RSTD, B_LNW, B_LNB, B_AFFINE)
+                           B_SH, B_MEAN, B_RSTD, B_LNW, B_LNB, B_AFFINE)
             if IEEE:
                 acc += tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision="ieee")
             else:
@@ -152,15 +153,15 @@ if triton is not None:
             bias = tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
             acc += bias[None, :]
         if EPI == 1:  # V = acc; C = R + G * V
-            tl.store(V + offs_m[:, None] * sv0 + offs_n[None, :] * sv1,
+            tl.store(V + offs_m[:, None] * sv0 + offs_n[None, :],
                      acc.to(V.dtype.element_ty), mask=mask)
-            res = tl.load(E1 + offs_m[:, None] * se10 + offs_n[None, :] * se11, mask=mask,
+            res = tl.load(E1 + offs_m[:, None] * se10 + offs_n[None, :], mask=mask,
                           other=0.0).to(tl.float32)
-            gate = tl.load(E2 + offs_m[:, None] * se20 + offs_n[None, :] * se21, mask=mask,
+            gate = tl.load(E2 + offs_m[:, None] * se20 + offs_n[None, :], mask=mask,
                            other=0.0).to(tl.float32)
             acc = res + gate * acc
         elif EPI >= 2:  # C = acc * SiLU'(P)
-            p = tl.load(E1 + offs_m[:, None] * se10 + offs_n[None, :] * se11, mask=mask,
+            p = tl.load(E1 + offs_m[:, None] * se10 + offs_n[None, :], mask=mask,
                         other=0.0).to(tl.float32)
             sig = tl.sigmoid(p)
             acc = acc * sig * (1.0 + p * (1.0 - sig))
@@ -178,7 +179,7 @@ if triton is not None:
             tl.atomic_add(T1 + i1[:, None] * N + offs_n[None, :], acc, mask=mask)
             tl.atomic_add(T2 + i2[:, None] * N + offs_n[None, :], acc, mask=mask)
         else:
-            tl.store(C + offs_m[:, None] * sc0 + offs_n[None, :] * sc1,
+            tl.store(C + offs_m[:, None] * sc0 + offs_n[None, :],
                      acc.to(C.dtype.element_ty), mask=mask)
 
 
@@ -274,11 +275,16 @@ def _narrow(op: Operand, dot_dtype: torch.dtype) -> Operand:
 def _operand_args(op: Operand, dummy: torch.Tensor):
     aux = op.aux if op.aux is not None else dummy
     sh = op.shift if op.shift is not None else dummy
-    return (aux, aux.stride(0) if aux.dim() == 2 else 0, aux.stride(1) if aux.dim() == 2 else 0,
-            sh, sh.stride(0) if sh.dim() == 2 else 0, sh.stride(1) if sh.dim() == 2 else 0,
+    sa = aux.stride()
+    if len(sa) != 2:
+        sa = (0, 0)
+    elif op.shift is not None and sh.stride() != sa:
+        raise ValueError("fused_matmul: the LNMOD scale and shift must share strides")
+    lw = op.ln_w
+    return (aux, sa[0], sa[1], sh,
             op.mean if op.mean is not None else dummy, op.rstd if op.rstd is not None else dummy,
-            op.ln_w if op.ln_w is not None else dummy, op.ln_b if op.ln_b is not None else dummy,
-            op.ln_w is not None)
+            lw if lw is not None else dummy, op.ln_b if op.ln_b is not None else dummy,
+            lw is not None)
 
 
 def fused_matmul(a: Operand, b: Operand, out: Optional[torch.Tensor], a_t: bool = False,
@@ -308,21 +314,33 @@ def fused_matmul(a: Operand, b: Operand, out: Optional[torch.Tensor], a_t: bool 
     v = v_out if v_out is not None else dummy
     pt = part if part is not None else dummy
     i0, i1, i2, t0, t1, t2 = scatter if scatter is not None else (dummy,) * 6
-    cfg = _launch_config(M, N, K, _operand_bytes(a), _operand_bytes(b), _DOT_BYTES[dot_dtype],
-                         a.mode != PLAIN or b.mode != PLAIN or a_t,
-                         shared_memory_limit(dummy.device), epilogue in (SILU_GRAD, SCATTER), a_t)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    cfg, grid = _launch(M, N, K, _operand_bytes(a), _operand_bytes(b), _DOT_BYTES[dot_dtype],
+                        a.mode != PLAIN or b.mode != PLAIN or a_t,
+                        shared_memory_limit(dummy.device), epilogue in (SILU_GRAD, SCATTER),
+                        a_t, dot_dtype, ieee and dot_dtype == torch.float32)
     c = out if out is not None else dummy
+    sa, sb, sc, s1, s2, sv = (a.x.stride(), b.x.stride(), c.stride(), e1.stride(), e2.stride(),
+                              v.stride())
+    if sc[1] != 1 or s1[1] != 1 or s2[1] != 1 or sv[1] != 1:  # the kernel assumes unit columns
+        raise ValueError("fused_matmul: out, e1, e2 and v_out need unit column stride")
     _fused_matmul_kernel[grid](
-        a.x, a.x.stride(0), a.x.stride(1), a.mode, a_t, *_operand_args(a, dummy),
-        b.x, b.x.stride(0), b.x.stride(1), b.mode, *_operand_args(b, dummy),
-        c, c.stride(0), c.stride(1), bias if bias is not None else dummy, bias is not None,
-        epilogue, e1, e1.stride(0), e1.stride(1), e2, e2.stride(0), e2.stride(1),
-        v, v.stride(0), v.stride(1),
+        a.x, sa[0], sa[1], a.mode, a_t, *_operand_args(a, dummy),
+        b.x, sb[0], sb[1], b.mode, *_operand_args(b, dummy),
+        c, sc[0], bias if bias is not None else dummy, bias is not None,
+        epilogue, e1, s1[0], e2, s2[0], v, sv[0],
         pt, pt.stride(0), a_sum >= 0, max(a_sum, 0), c_sum >= 0, max(c_sum, 0), c_sum2 >= 0,
-        max(c_sum2, 0), i0, i1, i2, t0, t1, t2, M, N, K,
-        DOT_DTYPE=_TL_DTYPE[dot_dtype], IEEE=ieee and dot_dtype == torch.float32, **cfg)
+        max(c_sum2, 0), i0, i1, i2, t0, t1, t2, M, N, K, **cfg)
     return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _launch(M, N, K, a_bytes, b_bytes, dot_bytes, transformed, smem_limit, heavy, a_t,
+            dot_dtype, ieee):
+    """Launch keywords (tiles, stages, dot dtype) and grid of one GEMM problem, computed once
+    per (problem, dtypes, device limit): a launch then costs one cache lookup."""
+    cfg = dict(_launch_config(M, N, K, a_bytes, b_bytes, dot_bytes, transformed, smem_limit,
+                              heavy, a_t), DOT_DTYPE=_TL_DTYPE[dot_dtype], IEEE=ieee)
+    return cfg, (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
 
 
 def weight_t(w: torch.Tensor) -> Operand:
