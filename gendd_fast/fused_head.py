@@ -229,6 +229,14 @@ class FusedDiffLoss(DiffLoss):
             dt = m[0].dtype
         consts = self._consts(device, dt)
         wts = self.step_weights(dt, device, m)
-        return HeadStepFunction.apply(x0, noise, t.contiguous(), k.contiguous(),
-                                      ci.contiguous(), z_img, reduction == "mean", consts, wts,
-                                      *m)
+        t = t.contiguous()
+        ti = t
+        if dev_type != "cuda" and t.numel() < 2 * consts.feat.shape[0]:
+            # few rows on CPU (the interpreter): the time MLP over the distinct steps only;
+            # unique() syncs, which costs nothing here, while CUDA keeps the sync-free path
+            from .kernels.head_step import StepConsts
+            steps, ti = torch.unique(t, return_inverse=True)
+            consts = StepConsts(consts.feat[steps], consts.tab, consts.sqrt_ac,
+                                consts.sqrt_1mac)
+        return HeadStepFunction.apply(x0, noise, t, ti, k.contiguous(), ci.contiguous(), z_img,
+                                      reduction == "mean", consts, wts, *m)

@@ -111,7 +111,9 @@ class _Cols:
 
 class HeadStepFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x0, noise, t, k, ci, z_img, mean, consts, wts, *m):
+    def forward(ctx, x0, noise, t, ti, k, ci, z_img, mean, consts, wts, *m):
+        """``t``: each row's timestep; ``ti``: its row in ``consts.feat`` (``t`` itself when
+        the features cover every timestep)."""
         dt, D = wts.dtype, len(wts.w0)
         ix = master_index(D)
         n, d = x0.shape
@@ -125,7 +127,7 @@ class HeadStepFunction(torch.autograd.Function):
         fused_matmul(Operand(h1, SILU), Operand(wts.te2.t()), temb, bias=m[3], **kw)
         cond = empty((B, W), dev, dt)
         fused_matmul(Operand(z_img), Operand(wts.cond.t()), cond, bias=m[5], **kw)
-        y = condition_rows(temb, t, cond, ci, m[5], m[6], k, dt)
+        y = condition_rows(temb, ti, cond, ci, m[5], m[6], k, dt)
         MW = wts.mod.shape[0]
         mods = empty((n, MW), dev, dt)
         fused_matmul(Operand(y, SILU), Operand(wts.mod.t()), mods, bias=wts.mod_b, **kw)
@@ -154,14 +156,14 @@ class HeadStepFunction(torch.autograd.Function):
         fused_matmul(Operand(h, LNMOD, aux=fscale, shift=fshift, mean=mu, rstd=rs),
                      Operand(wts.fin.t()), out, bias=m[ix["fin_b"]], **kw)
         rows, dout = loss_rows(out, x0, noise, t, consts.tab, 1.0 / n if mean else 1.0)
-        ctx.state = (x0, noise, t, k, ci, z_img, consts, wts, h1, y, mods, xt, blocks,
+        ctx.state = (x0, noise, t, ti, k, ci, z_img, consts, wts, h1, y, mods, xt, blocks,
                      (h, mu, rs, fshift, fscale), dout, [p.shape for p in m], ix,
                      [m[j] for j in ix["ln_w"]], [m[j] for j in ix["ln_b"]])
         return rows.mean() if mean else rows
 
     @staticmethod
     def backward(ctx, g):
-        (x0, noise, t, k, ci, z_img, consts, wts, h1, y, mods, xt, blocks, final, dout,
+        (x0, noise, t, ti, k, ci, z_img, consts, wts, h1, y, mods, xt, blocks, final, dout,
          shapes, ix, ln_w, ln_b) = ctx.state
         ctx.state = None
         dt, D = wts.dtype, len(wts.w0)
@@ -241,7 +243,7 @@ class HeadStepFunction(torch.autograd.Function):
         fused_matmul(Operand(gcur), xt, dinw, a_t=True, **kw)
         fused_matmul(Operand(dmods), Operand(y, SILU), dmodw, a_t=True, **kw)
         fused_matmul(Operand(dmods), Operand(wts.mod), None, epilogue=SCATTER, e1=y, part=P,
-                     c_sum=cols.tb2, c_sum2=cols.cb, scatter=(t, ci, k, dtemb, dcond, dpos),
+                     c_sum=cols.tb2, c_sum2=cols.cb, scatter=(ti, ci, k, dtemb, dcond, dpos),
                      shape=(n, W), **kw)
         fused_matmul(Operand(dtemb), Operand(h1, SILU), dte2, a_t=True, **kw)
         dh1 = empty((T, W), dev, torch.float32)
@@ -251,7 +253,7 @@ class HeadStepFunction(torch.autograd.Function):
         dimg = dcond[:B]
         fused_matmul(Operand(dimg), Operand(z_img), dcw, a_t=True, **kw)
         dz = None
-        if ctx.needs_input_grad[5]:
+        if ctx.needs_input_grad[6]:
             dz = empty((B, zc), dev, torch.float32)
             fused_matmul(Operand(dimg), Operand(wts.cond), dz, **kw)
         torch.sum(P, 0, out=S)
@@ -271,4 +273,4 @@ class HeadStepFunction(torch.autograd.Function):
             grads[ix["w0"][i]], grads[ix["b0"][i]] = dw0[i], S[cols.b0[i]:cols.b0[i] + W]
             grads[ix["w2"][i]], grads[ix["b2"][i]] = dw2[i], S[cols.b2[i]:cols.b2[i] + W]
         grads[ix["fin_w"]], grads[ix["fin_b"]] = dfin, S[cols.bf:cols.bf + 2 * d]
-        return (None, None, None, None, None, dz, None, None, None, *grads)
+        return (None, None, None, None, None, None, dz, None, None, None, *grads)

@@ -116,8 +116,8 @@ def recording(arch: int, limit: Optional[int] = None):
         JITFunction.run = original
 
 
-_MODES = {0: "plain", 1: "silu", 2: "lnmod", 3: "mul"}
-_EPIS = {0: "store", 1: "gate_residual", 2: "silu_grad"}
+_MODES = {0: "plain", 1: "silu", 2: "lnmod", 3: "mul", 4: "noise"}
+_EPIS = {0: "store", 1: "gate_residual", 2: "silu_grad", 3: "scatter"}
 
 
 def _describe_call(bound) -> str:

@@ -225,7 +225,8 @@ def _launch_config(M: int, N: int, K: int, a_bytes: int = 4, b_bytes: int = 4,
     weight-gradient GEMMs (small M x N, long K) use smaller tiles for occupancy; a LayerNorm or
     SiLU prologue keeps a whole fp32 tile live, so 128-row tiles get 8 warps; ``heavy`` (the
     SiLU' epilogue, which loads a tile and keeps it live beside the accumulator) takes 64-column
-    tiles: at 128 x 128, ptxas spills there on sm_80 and sm_90.
+    tiles: at 128 x 128, ptxas spills there on sm_80 and sm_90; so does an fp32 A operand
+    formed by a two-tensor prologue (the noise injection, ``dout * g``) on sm_80.
 
     Cached: the search runs once per (problem, operand bytes, shared-memory limit), not per
     launch."""
@@ -316,7 +317,9 @@ def fused_matmul(a: Operand, b: Operand, out: Optional[torch.Tensor], a_t: bool 
     i0, i1, i2, t0, t1, t2 = scatter if scatter is not None else (dummy,) * 6
     cfg, grid = _launch(M, N, K, _operand_bytes(a), _operand_bytes(b), _DOT_BYTES[dot_dtype],
                         a.mode != PLAIN or b.mode != PLAIN or a_t,
-                        shared_memory_limit(dummy.device), epilogue in (SILU_GRAD, SCATTER),
+                        shared_memory_limit(dummy.device),
+                        epilogue in (SILU_GRAD, SCATTER) or (a.mode in (MUL, NOISE) and
+                                                             ax.element_size() == 4),
                         a_t, dot_dtype, ieee and dot_dtype == torch.float32)
     c = out if out is not None else dummy
     sa, sb, sc, s1, s2, sv = (a.x.stride(), b.x.stride(), c.stride(), e1.stride(), e2.stride(),
