@@ -160,6 +160,7 @@ def make_inputs(shape, W, depth, d, seed=0):
     ref = DiffLoss(d, zc, depth, W, "64", L)
     fused = FusedDiffLoss(d, zc, depth, W, "64", L)
     fused.load_state_dict(ref.state_dict())
+    fused.distinct_steps_on_cpu = False  # the path CUDA runs: no unique(), no host sync
     target = torch.randn(B, L * d)
     z = torch.randn(B, zc, requires_grad=True)
     n = B * L * M
@@ -212,9 +213,12 @@ def host_us(fns, clear, repeats):
     """Per function: ((minimum, median) thread CPU time in us, Python function calls) of one
     call with Triton launches at their cache-hit cost. The functions run interleaved, so a
     change in the machine's load reaches all of them alike."""
+    import gc
     stats = new_stats()
     times = [[] for _ in fns]
     calls = []
+    gc.collect()
+    gc.disable()  # as timeit does: a collection would land on whichever step is running
     with launches_replaced(stats):
         for i in range(repeats + 2):
             for j, fn in enumerate(fns):
@@ -237,6 +241,7 @@ def host_us(fns, clear, repeats):
             finally:
                 sys.setprofile(None)
             calls.append(count[0])
+    gc.enable()
     clear()
     out = []
     for ts, c in zip(times, calls):
@@ -321,7 +326,7 @@ def main(argv=None):
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--depth", type=int, default=3)
     ap.add_argument("--tiny-width", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=40)
+    ap.add_argument("--repeats", type=int, default=100)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)

@@ -99,6 +99,10 @@ def launch_problem(arch: int, limit: int, dtype: torch.dtype, shapes: Dict,
 class FusedDiffLoss(DiffLoss):
     """Drop-in :class:`DiffLoss` whose training loss runs fused Triton kernels."""
 
+    # CPU with few rows (the interpreter's tests): run the time MLP over the distinct timesteps
+    # only; False keeps the CUDA path (all timesteps, no unique()), e.g. to measure its host cost
+    distinct_steps_on_cpu = True
+
     def forward(self, target, z, chunk_idx, t: Optional[torch.Tensor] = None,
                 noise: Optional[torch.Tensor] = None,
                 generator: Optional[torch.Generator] = None, reduction: str = "mean"):
@@ -231,7 +235,8 @@ class FusedDiffLoss(DiffLoss):
         wts = self.step_weights(dt, device, m)
         t = t.contiguous()
         ti = t
-        if dev_type != "cuda" and t.numel() < 2 * consts.feat.shape[0]:
+        if dev_type != "cuda" and self.distinct_steps_on_cpu and \
+                t.numel() < 2 * consts.feat.shape[0]:
             # few rows on CPU (the interpreter): the time MLP over the distinct steps only;
             # unique() syncs, which costs nothing here, while CUDA keeps the sync-free path
             from .kernels.head_step import StepConsts

@@ -120,19 +120,19 @@ class HeadStepFunction(torch.autograd.Function):
         W, T, B = m[0].shape[0], consts.feat.shape[0], z_img.shape[0]
         dev = x0.device
         kw = dict(dot_dtype=dt, narrow=False)
+        MW = wts.mod.shape[0]
+        # every activation the forward writes in the compute dtype: one allocation
+        shapes = [(T, W), (T, W), (B, W), (n, MW), (n, W)] + [(n, W)] * (3 * D)
+        buf = empty(sum(a * b for a, b in shapes), dev, dt)
+        acts = [x.view(sh) for x, sh in zip(buf.split([a * b for a, b in shapes]), shapes)]
+        h1, temb, cond, mods, h = acts[:5]
         # the condition tables: once per timestep / image
-        h1 = empty((T, W), dev, dt)
         fused_matmul(Operand(consts.feat), Operand(wts.te0.t()), h1, bias=m[1], **kw)
-        temb = empty((T, W), dev, dt)
         fused_matmul(Operand(h1, SILU), Operand(wts.te2.t()), temb, bias=m[3], **kw)
-        cond = empty((B, W), dev, dt)
         fused_matmul(Operand(z_img), Operand(wts.cond.t()), cond, bias=m[5], **kw)
         y = condition_rows(temb, ti, cond, ci, m[5], m[6], k, dt)
-        MW = wts.mod.shape[0]
-        mods = empty((n, MW), dev, dt)
         fused_matmul(Operand(y, SILU), Operand(wts.mod.t()), mods, bias=wts.mod_b, **kw)
         xt = Operand(x0, NOISE, aux=noise, mean=t, rstd=consts.sqrt_ac, ln_w=consts.sqrt_1mac)
-        h = empty((n, W), dev, dt)
         fused_matmul(xt, Operand(wts.inp.t()), h, bias=m[ix["in_b"]], **kw)
         blocks = []
         for i in range(D):
@@ -142,9 +142,8 @@ class HeadStepFunction(torch.autograd.Function):
                 mods[:, c + 2 * W:c + 3 * W]
             u = Operand(h, LNMOD, aux=scale, shift=shift, mean=mu, rstd=rs,
                         ln_w=m[ix["ln_w"][i]], ln_b=m[ix["ln_b"][i]])
-            a = empty((n, W), dev, dt)
+            a, v, out = acts[5 + 3 * i:8 + 3 * i]
             fused_matmul(u, Operand(wts.w0[i].t()), a, bias=m[ix["b0"][i]], **kw)
-            v, out = empty((n, W), dev, dt), empty((n, W), dev, dt)
             fused_matmul(Operand(a, SILU), Operand(wts.w2[i].t()), out, bias=m[ix["b2"][i]],
                          epilogue=GATE_RESIDUAL, e1=h, e2=gate, v_out=v, **kw)
             blocks.append((h, mu, rs, a, v, shift, scale, gate))
@@ -179,10 +178,7 @@ class HeadStepFunction(torch.autograd.Function):
                    + [(2 * d, W)])
         sizes = [a * b for a, b in wshapes] + [cols.total]
         G = empty(sum(sizes), dev, torch.float32)
-        views, o = [], 0
-        for s in sizes:
-            views.append(G[o:o + s])
-            o += s
+        views = G.split(sizes)
         dte0, dte2, dcw, dmodw, dinw = (views[i].view(wshapes[i]) for i in range(5))
         dw0 = [views[5 + 2 * i].view(W, W) for i in range(D)]
         dw2 = [views[6 + 2 * i].view(W, W) for i in range(D)]
@@ -203,7 +199,9 @@ class HeadStepFunction(torch.autograd.Function):
         h, mu, rs, fshift, fscale = final
         fused_matmul(dop, Operand(h, LNMOD, aux=fscale, shift=fshift, mean=mu, rstd=rs), dfin,
                      a_t=True, **kw)
+        # one du and one da serve every layer in turn (each is consumed before the next)
         du = empty((n, W), dev, torch.float32)
+        da = empty((n, W), dev, dt)
         fused_matmul(dop, Operand(wts.fin), du, part=P, a_sum=cols.bf, **kw)
         dmods = empty((n, MW), dev, dt)
         c = 3 * W * D
@@ -225,13 +223,11 @@ class HeadStepFunction(torch.autograd.Function):
             h, mu, rs, a, v, shift, scale, gate = blocks[i]
             dv = Operand(gcur, MUL, aux=gate)
             fused_matmul(dv, Operand(a, SILU), dw2[i], a_t=True, **kw)
-            da = empty((n, W), dev, dt)
             fused_matmul(dv, Operand(wts.w2[i]), da, epilogue=SILU_GRAD, e1=a, part=P,
                          c_sum=cols.b0[i], **kw)
             u = Operand(h, LNMOD, aux=scale, shift=shift, mean=mu, rstd=rs, ln_w=ln_w[i],
                         ln_b=ln_b[i])
             fused_matmul(Operand(da), u, dw0[i], a_t=True, **kw)
-            du = empty((n, W), dev, torch.float32)
             fused_matmul(Operand(da), Operand(wts.w0[i]), du, **kw)
             c = 3 * W * i
             offs = dict(lw=cols.lw[i], lb=cols.lb[i], sh=c, sc=c + W)
@@ -257,20 +253,22 @@ class HeadStepFunction(torch.autograd.Function):
             dz = empty((B, zc), dev, torch.float32)
             fused_matmul(Operand(dimg), Operand(wts.cond), dz, **kw)
         torch.sum(P, 0, out=S)
+        # S in column order: modulation biases per layer, (ln_w, ln_b) per block, (b0, b2)
+        # per block, input_proj, final layer, time fc2, time fc0, cond_embed
+        mod_rows = [shapes[wi][0] for wi in ix["mod_w"]]
+        seg = S.split(mod_rows + [W] * (4 * D) + [W, 2 * d, W, W, W])
+        nm = len(mod_rows)
         grads = [None] * ix["count"]
-        grads[0], grads[1], grads[2], grads[3] = dte0, S[cols.tb0:cols.tb0 + W], dte2, \
-            S[cols.tb2:cols.tb2 + W]
-        grads[4], grads[5], grads[6] = dcw, S[cols.cb:cols.cb + W], dpos
+        grads[0], grads[1], grads[2], grads[3] = dte0, seg[-2], dte2, seg[-3]
+        grads[4], grads[5], grads[6] = dcw, seg[-1], dpos
         r = 0
         for j, (wi, bi) in enumerate(zip(ix["mod_w"], ix["mod_b"])):
-            rows = shapes[wi][0]
-            grads[wi], grads[bi] = dmodw[r:r + rows], S[r:r + rows]
-            r += rows
-        grads[ix["in_w"]], grads[ix["in_b"]] = dinw, S[cols.bin:cols.bin + W]
+            grads[wi], grads[bi] = dmodw[r:r + mod_rows[j]], seg[j]
+            r += mod_rows[j]
+        grads[ix["in_w"]], grads[ix["in_b"]] = dinw, seg[-5]
         for i in range(D):
-            grads[ix["ln_w"][i]] = S[cols.lw[i]:cols.lw[i] + W]
-            grads[ix["ln_b"][i]] = S[cols.lb[i]:cols.lb[i] + W]
-            grads[ix["w0"][i]], grads[ix["b0"][i]] = dw0[i], S[cols.b0[i]:cols.b0[i] + W]
-            grads[ix["w2"][i]], grads[ix["b2"][i]] = dw2[i], S[cols.b2[i]:cols.b2[i] + W]
-        grads[ix["fin_w"]], grads[ix["fin_b"]] = dfin, S[cols.bf:cols.bf + 2 * d]
+            grads[ix["ln_w"][i]], grads[ix["ln_b"][i]] = seg[nm + 2 * i], seg[nm + 2 * i + 1]
+            grads[ix["w0"][i]], grads[ix["b0"][i]] = dw0[i], seg[nm + 2 * D + 2 * i]
+            grads[ix["w2"][i]], grads[ix["b2"][i]] = dw2[i], seg[nm + 2 * D + 2 * i + 1]
+        grads[ix["fin_w"]], grads[ix["fin_b"]] = dfin, seg[-4]
         return (None, None, None, None, None, None, dz, None, None, None, *grads)

@@ -241,6 +241,8 @@ def compile_launch(rec: Launch, arch: int, use_cache: bool = True, registers: bo
     return res
 
 
+GEMM_KERNELS = ("_fused_matmul_kernel", "_matmul_kernel")  # one body, two argument lists
+
 # The data-centre GPUs the step is tuned for: their bf16 / fp16 GEMMs must not spill.
 SPILL_FREE_ARCHS = (80, 90, 100)
 
@@ -263,7 +265,7 @@ def check(res: Dict, rec: Launch, arch: int) -> List[str]:
 
 def is_hot_gemm(rec: Launch) -> bool:
     """A bf16 / fp16 GEMM: the kernels that carry the step, held to no spills."""
-    if rec.kernel != "_fused_matmul_kernel":
+    if rec.kernel not in GEMM_KERNELS:
         return False
     return str(rec.constexpr_values().get("DOT_DTYPE")) in ("bf16", "fp16")
 
@@ -317,7 +319,7 @@ def worst_case(rows) -> Dict:
             w.update(max_registers=r["registers"],
                      max_registers_at=f"{r['dtype']} {r['kernel']} {r['call']}")
         w["max_spill_stores"] = max(w["max_spill_stores"], r["spill_stores"])
-        if r["dtype"] != "fp32" and r["kernel"] == "_fused_matmul_kernel":
+        if r["dtype"] != "fp32" and r["kernel"] in GEMM_KERNELS:
             w["max_spill_stores_hot"] = max(w["max_spill_stores_hot"], r["spill_stores"])
     return out
 
