@@ -124,12 +124,12 @@ def step_kernels_current(rows, width=1024, depth=3, token_dim=64, dtype="bf16", 
     k.append(_rows("_diffusion_loss_kernel", "loss + dout", n * (2 * d * 4 * 2 + 2 * d * 4)))
     k.append(_gemm("final dW", 2 * d, W, n, f4, 3 * e, f4))
     k.append(_gemm("final du (+ bias sums)", n, W, 2 * d, f4, e, f4))
-    fold = 3 * e  # the gated-residual backward of the block below: v, gate read, dgate written
+    fold = 4 * e  # the gated-residual backward of the block below: v, gate read; dgate, dv written
     k.append(_rows("_ln_mod_bwd_kernel", "final LN-mod bwd (+ gate bwd below)",
                    n * W * (f4 + 2 * e + 3 * e + (fold if depth else 0))))
     for i in reversed(range(depth)):
-        k.append(_gemm(f"block{i} fc2 dW", W, W, n, 2 * e, e, f4))
-        k.append(_gemm(f"block{i} fc2 da (SiLU', bias sums)", n, W, W, 2 * e, e, e, n * W * e))
+        k.append(_gemm(f"block{i} fc2 dW (as SiLU(a)^T dv)", W, W, n, e, e, f4))
+        k.append(_gemm(f"block{i} fc2 da (SiLU', bias sums)", n, W, W, e, e, e, n * W * e))
         k.append(_gemm(f"block{i} fc1 dW", W, W, n, e, 3 * e, f4))
         k.append(_gemm(f"block{i} fc1 du", n, W, W, e, e, f4))
         k.append(_rows("_ln_mod_bwd_kernel", f"block{i} LN-mod bwd" +

@@ -202,6 +202,7 @@ class HeadStepFunction(torch.autograd.Function):
         # one du and one da serve every layer in turn (each is consumed before the next)
         du = empty((n, W), dev, torch.float32)
         da = empty((n, W), dev, dt)
+        dv = empty((n, W), dev, dt)  # g * gate of the block below, from its LN backward
         fused_matmul(dop, Operand(wts.fin), du, part=P, a_sum=cols.bf, **kw)
         dmods = empty((n, MW), dev, dt)
         c = 3 * W * D
@@ -212,7 +213,7 @@ class HeadStepFunction(torch.autograd.Function):
                 offs["dh"] = cols.bin
                 return None
             offs.update(g=3 * W * i + 2 * W, gb=cols.b2[i])
-            return (blocks[i][4], blocks[i][7], dmods[:, 3 * W * i + 2 * W:3 * W * (i + 1)])
+            return (blocks[i][4], blocks[i][7], dmods[:, 3 * W * i + 2 * W:3 * W * (i + 1)], dv)
 
         offs = dict(sh=c, sc=c + W)
         gate_below = below(D - 1, offs)
@@ -221,9 +222,9 @@ class HeadStepFunction(torch.autograd.Function):
                                gate_below=gate_below, dh_dtype=dt)
         for i in reversed(range(D)):
             h, mu, rs, a, v, shift, scale, gate = blocks[i]
-            dv = Operand(gcur, MUL, aux=gate)
-            fused_matmul(dv, Operand(a, SILU), dw2[i], a_t=True, **kw)
-            fused_matmul(dv, Operand(wts.w2[i]), da, epilogue=SILU_GRAD, e1=a, part=P,
+            # dv (plain): this weight gradient runs as dW^T = SiLU(a)^T dv, wgmma-pipelined
+            fused_matmul(Operand(dv), Operand(a, SILU), dw2[i], a_t=True, **kw)
+            fused_matmul(Operand(dv), Operand(wts.w2[i]), da, epilogue=SILU_GRAD, e1=a, part=P,
                          c_sum=cols.b0[i], **kw)
             u = Operand(h, LNMOD, aux=scale, shift=shift, mean=mu, rstd=rs, ln_w=ln_w[i],
                         ln_b=ln_b[i])

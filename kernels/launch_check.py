@@ -54,12 +54,13 @@ class Launch:
     num_warps: int
     num_stages: int
     call: str = ""  # which op launched it (GEMM shape, operand dtypes)
+    ctas: int = 0   # programs in the grid (the same binary may launch with other grids)
 
     def key(self, arch: int) -> str:
         blob = json.dumps([self.fn.cache_key, self.signature,
                            sorted(map(repr, self.constexprs.items())),
                            sorted(map(repr, self.attrs.items())), self.num_warps, self.num_stages,
-                           arch, triton.__version__], sort_keys=True)
+                           arch, triton.__version__, "wgmma-v1"], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
     def constexpr_values(self) -> Dict[str, object]:
@@ -68,7 +69,7 @@ class Launch:
 
     def describe(self) -> Dict:
         ptrs = {k: v for k, v in self.signature.items() if v.startswith("*")}
-        return dict(kernel=self.kernel, call=self.call, num_warps=self.num_warps,
+        return dict(kernel=self.kernel, call=self.call, ctas=self.ctas, num_warps=self.num_warps,
                     num_stages=self.num_stages, constexprs={k: str(v) for k, v in
                                                             self.constexpr_values().items()},
                     pointer_dtypes=ptrs)
@@ -105,8 +106,13 @@ def recording(arch: int, limit: Optional[int] = None):
         bound, spec, options = binders[self](*args, **kwargs)
         options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound, spec,
                                                                 options)
+        g = grid(bound) if callable(grid) else grid
+        ctas = 1
+        for x in g:
+            ctas *= int(x)
         records.append(Launch(self, self.__name__, signature, constexprs, attrs,
-                              options.num_warps, options.num_stages, _describe_call(bound)))
+                              options.num_warps, options.num_stages, _describe_call(bound),
+                              ctas))
 
     JITFunction.run = record
     try:
@@ -226,7 +232,11 @@ def compile_launch(rec: Launch, arch: int, use_cache: bool = True, registers: bo
         spills = [(int(a), int(b)) for a, b in _PTXAS_SPILL.findall(text)]
         if not regs:
             raise RuntimeError(f"no register count in the ptxas log:\n{text[-2000:]}")
+        ttgir = k.asm.get("ttgir", "")
         res = dict(shared=int(k.metadata.shared), registers=max(regs),
+                   # sm_90: does the dot compile to asynchronous wgmma (loads overlap MMAs)?
+                   wgmma="warp_group_dot" in ttgir,
+                   wgmma_async="warp_group_dot_wait" in ttgir,
                    spill_stores=max((a for a, _ in spills), default=0),
                    spill_loads=max((b for _, b in spills), default=0))
     except Exception as e:  # noqa: BLE001 - a kernel that does not compile is a finding
@@ -299,7 +309,7 @@ def run_matrix(combos, use_cache=True, jobs=1, log=print) -> Dict:
         bad = check(res, rec, arch)
         problems += bad
         rows.append(dict(arch=arch, dtype=dname, shape=shape, **rec.describe(), **res,
-                         ok=not bad))
+                         ok=not bad, waves_132=round(rec.ctas / 132, 3)))
     return dict(rows=rows, problems=problems, worst=worst_case(rows))
 
 

@@ -33,7 +33,8 @@ if triton is not None:
     @triton.jit
     def _ln_mod_bwd_kernel(DU, sdu, H, sh, MEAN, RSTD, LNW, LNB, SCALE, ssc,
                            G, sg, DH, sdh, DSHIFT, sds, DSCALE, sdsc, PART, sp, o_lw, o_lb,
-                           o_sh, o_sc, o_dh, V2, sv2, GATE2, sgt2, DGATE2, sdg2, o_g, o_gb,
+                           o_sh, o_sc, o_dh, V2, sv2, GATE2, sgt2, DGATE2, sdg2, DV2, sdv2,
+                           o_g, o_gb,
                            n_rows, W, HAS_AFFINE: tl.constexpr, HAS_RESID: tl.constexpr,
                            MOD_SUMS: tl.constexpr, DH_SUM: tl.constexpr, GATE: tl.constexpr,
                            ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
@@ -41,8 +42,9 @@ if triton is not None:
         into PART[pid, o_* + col]: d ln_w / d ln_b (HAS_AFFINE), d shift / d scale (MOD_SUMS,
         the modulation's bias gradient), dh (DH_SUM). GATE: dh is the output gradient of the
         gated residual ``h = h_prev + gate2 * v2`` below, whose backward is folded in here:
-        dgate2 = dh * v2 (written, and summed into o_g) and the sums of dh * gate2 (o_gb, the
-        bias gradient of the layer that produced v2)."""
+        dgate2 = dh * v2 (written, and summed into o_g) and dv2 = dh * gate2 (written: the plain
+        A operand of that layer's two backward GEMMs; summed into o_gb, the bias gradient of
+        the layer that produced v2)."""
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_W)
         cmask = cols < W
@@ -101,7 +103,9 @@ if triton is not None:
                     tl.store(DGATE2 + r * sdg2 + cols, dg.to(DGATE2.dtype.element_ty),
                              mask=cmask)
                     acc_g += dg
-                    acc_gb += dh * g2
+                    dv = dh * g2
+                    tl.store(DV2 + r * sdv2 + cols, dv.to(DV2.dtype.element_ty), mask=cmask)
+                    acc_gb += dv
         base = PART + pid * sp + cols
         if HAS_AFFINE:
             tl.store(base + o_lw, acc_w, mask=cmask)
@@ -157,7 +161,7 @@ def ln_mod_backward(du, h, mean, rstd, scale, dshift_out, dscale_out,
     returns ``(dh [+ g], d ln_w, d ln_b)`` (the last two None without affine). With ``part``
     (the step's partial-sum buffer) the column sums go there at ``offsets`` (keys ``lw``,
     ``lb``, ``sh``, ``sc``, ``dh``, ``g``, ``gb``; a missing key is not computed) and only dh is
-    returned; ``gate_below = (v2, gate2, dgate2_out)`` folds in the gated-residual backward of
+    returned; ``gate_below = (v2, gate2, dgate2_out, dv2_out)`` folds in the gated-residual backward of
     the block below (see the kernel)."""
     n, W = h.shape
     rows = row_block(n)
@@ -169,14 +173,15 @@ def ln_mod_backward(du, h, mean, rstd, scale, dshift_out, dscale_out,
         part = empty((progs, 2 * W), h.device, torch.float32) if affine else dh
         offsets = dict(lw=0, lb=W) if affine else {}
     o = offsets or {}
-    v2, g2, dg2 = gate_below if gate_below is not None else (dh, dh, dh)
+    v2, g2, dg2, dv2 = gate_below if gate_below is not None else (dh, dh, dh, dh)
     gg = g if g is not None else du
     _ln_mod_bwd_kernel[(progs,)](
         du, du.stride(0), h, h.stride(0), mean, rstd, ln_w if affine else mean,
         ln_b if affine else mean, scale, scale.stride(0), gg, gg.stride(0), dh, dh.stride(0),
         dshift_out, dshift_out.stride(0), dscale_out, dscale_out.stride(0), part,
         part.stride(0), o.get("lw", 0), o.get("lb", 0), o.get("sh", 0), o.get("sc", 0),
-        o.get("dh", 0), v2, v2.stride(0), g2, g2.stride(0), dg2, dg2.stride(0), o.get("g", 0),
+        o.get("dh", 0), v2, v2.stride(0), g2, g2.stride(0), dg2, dg2.stride(0), dv2,
+        dv2.stride(0), o.get("g", 0),
         o.get("gb", 0), n, W, HAS_AFFINE=affine, HAS_RESID=g is not None,
         MOD_SUMS="sh" in o, DH_SUM="dh" in o, GATE=gate_below is not None, ROWS=rows,
         BLOCK_W=next_pow2(W))

@@ -102,6 +102,44 @@ if triton is not None:
         return x
 
     @triton.jit
+    def _load_tile_t(X, sx0, sx1, r, c, R, C, MODE: tl.constexpr,
+                     AUX, sa0, sa1, SH, MEAN, RSTD, LNW, LNB,
+                     HAS_AFFINE: tl.constexpr):
+        """The (c, r) tile of ``prologue(X)^T``, loaded through swapped strides: no transpose in
+        registers, so a plain operand goes from the pipelined loads to shared memory and the
+        tensor cores as it is (sm_90: the weight-gradient GEMMs' wgmma can overlap the next
+        loads). Same prologues as :func:`_load_tile`, their per-row vectors along axis 1."""
+        mask = (c[:, None] < C) & (r[None, :] < R)
+        x = tl.load(X + c[:, None] * sx1 + r[None, :] * sx0, mask=mask, other=0.0).to(tl.float32)
+        if MODE == 1:
+            x = x * tl.sigmoid(x)
+        elif MODE == 2:
+            mu = tl.load(MEAN + r, mask=r < R, other=0.0)
+            rs = tl.load(RSTD + r, mask=r < R, other=0.0)
+            x = (x - mu[None, :]) * rs[None, :]
+            if HAS_AFFINE:
+                w = tl.load(LNW + c, mask=c < C, other=0.0).to(tl.float32)
+                b = tl.load(LNB + c, mask=c < C, other=0.0).to(tl.float32)
+                x = x * w[:, None] + b[:, None]
+            sc = tl.load(AUX + c[:, None] * sa1 + r[None, :] * sa0, mask=mask,
+                         other=0.0).to(tl.float32)
+            sh = tl.load(SH + c[:, None] * sa1 + r[None, :] * sa0, mask=mask,
+                         other=0.0).to(tl.float32)
+            x = tl.where(mask, x * (1.0 + sc) + sh, 0.0)
+        elif MODE == 3:
+            y = tl.load(AUX + c[:, None] * sa1 + r[None, :] * sa0, mask=mask,
+                        other=0.0).to(tl.float32)
+            x = x * y
+        elif MODE == 4:
+            tt = tl.load(MEAN + r, mask=r < R, other=0)
+            ca = tl.load(RSTD + tt, mask=r < R, other=0.0)
+            cb = tl.load(LNW + tt, mask=r < R, other=0.0)
+            e = tl.load(AUX + c[:, None] * sa1 + r[None, :] * sa0, mask=mask,
+                        other=0.0).to(tl.float32)
+            x = ca[None, :] * x + cb[None, :] * e
+        return x
+
+    @triton.jit
     def _matmul_body(
             A, sa0, sa1, A_MODE: tl.constexpr, A_T: tl.constexpr,
             A_AUX, saa0, saa1, A_SH, A_MEAN, A_RSTD, A_LNW, A_LNB,
@@ -109,7 +147,7 @@ if triton is not None:
             B, sb0, sb1, B_MODE: tl.constexpr,
             B_AUX, sba0, sba1, B_SH, B_MEAN, B_RSTD, B_LNW, B_LNB,
             B_AFFINE: tl.constexpr,
-            C, sc0, BIAS, HAS_BIAS: tl.constexpr, EPI: tl.constexpr,
+            C, sc0, sc1, BIAS, HAS_BIAS: tl.constexpr, EPI: tl.constexpr,
             E1, se10, E2, se20, V, sv0,
             PART, sp0, A_SUM: tl.constexpr, oa, C_SUM: tl.constexpr, oc, C_SUM2: tl.constexpr,
             oc2, I0, I1, I2, T0, T1, T2,
@@ -131,10 +169,9 @@ if triton is not None:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            if A_T:  # A = X^T: load X[k, m] and transpose
-                a = _load_tile(A, sa0, sa1, offs_k, offs_m, K, M, A_MODE, A_AUX, saa0, saa1,
-                               A_SH, A_MEAN, A_RSTD, A_LNW, A_LNB, A_AFFINE)
-                a = tl.trans(a)
+            if A_T:  # A = X^T: X[k, m] loaded as an (m, k) tile through swapped strides
+                a = _load_tile_t(A, sa0, sa1, offs_k, offs_m, K, M, A_MODE, A_AUX, saa0, saa1,
+                                 A_SH, A_MEAN, A_RSTD, A_LNW, A_LNB, A_AFFINE)
             else:
                 a = _load_tile(A, sa0, sa1, offs_m, offs_k, M, K, A_MODE, A_AUX, saa0, saa1,
                                A_SH, A_MEAN, A_RSTD, A_LNW, A_LNB, A_AFFINE)
@@ -179,7 +216,7 @@ if triton is not None:
             tl.atomic_add(T1 + i1[:, None] * N + offs_n[None, :], acc, mask=mask)
             tl.atomic_add(T2 + i2[:, None] * N + offs_n[None, :], acc, mask=mask)
         else:
-            tl.store(C + offs_m[:, None] * sc0 + offs_n[None, :],
+            tl.store(C + offs_m[:, None] * sc0 + offs_n[None, :] * sc1,
                      acc.to(C.dtype.element_ty), mask=mask)
 
 
@@ -189,7 +226,7 @@ if triton is not None:
             A_AUX, saa0, saa1, A_SH, A_MEAN, A_RSTD, A_LNW, A_LNB, A_AFFINE: tl.constexpr,
             B, sb0, sb1, B_MODE: tl.constexpr,
             B_AUX, sba0, sba1, B_SH, B_MEAN, B_RSTD, B_LNW, B_LNB, B_AFFINE: tl.constexpr,
-            C, sc0, BIAS, HAS_BIAS: tl.constexpr, EPI: tl.constexpr,
+            C, sc0, sc1, BIAS, HAS_BIAS: tl.constexpr, EPI: tl.constexpr,
             E1, se10, E2, se20, V, sv0,
             PART, sp0, A_SUM: tl.constexpr, oa, C_SUM: tl.constexpr, oc, C_SUM2: tl.constexpr,
             oc2, I0, I1, I2, T0, T1, T2, M, N, K,
@@ -199,7 +236,7 @@ if triton is not None:
         """The GEMM with column partial sums and / or the scatter epilogue."""
         _matmul_body(A, sa0, sa1, A_MODE, A_T, A_AUX, saa0, saa1, A_SH, A_MEAN, A_RSTD, A_LNW,
                      A_LNB, A_AFFINE, B, sb0, sb1, B_MODE, B_AUX, sba0, sba1, B_SH, B_MEAN,
-                     B_RSTD, B_LNW, B_LNB, B_AFFINE, C, sc0, BIAS, HAS_BIAS, EPI,
+                     B_RSTD, B_LNW, B_LNB, B_AFFINE, C, sc0, sc1, BIAS, HAS_BIAS, EPI,
                      E1, se10, E2, se20, V, sv0, PART, sp0, A_SUM, oa, C_SUM, oc, C_SUM2, oc2,
                      I0, I1, I2, T0, T1, T2, M, N, K, DOT_DTYPE, IEEE, BLOCK_M, BLOCK_N,
                      BLOCK_K, GROUP_M)
@@ -210,7 +247,7 @@ if triton is not None:
             A_AUX, saa0, saa1, A_SH, A_MEAN, A_RSTD, A_LNW, A_LNB, A_AFFINE: tl.constexpr,
             B, sb0, sb1, B_MODE: tl.constexpr,
             B_AUX, sba0, sba1, B_SH, B_MEAN, B_RSTD, B_LNW, B_LNB, B_AFFINE: tl.constexpr,
-            C, sc0, BIAS, HAS_BIAS: tl.constexpr, EPI: tl.constexpr,
+            C, sc0, sc1, BIAS, HAS_BIAS: tl.constexpr, EPI: tl.constexpr,
             E1, se10, E2, se20, V, sv0, M, N, K,
             DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -219,7 +256,7 @@ if triton is not None:
         bind on every launch (most of the step's GEMMs)."""
         _matmul_body(A, sa0, sa1, A_MODE, A_T, A_AUX, saa0, saa1, A_SH, A_MEAN, A_RSTD, A_LNW,
                      A_LNB, A_AFFINE, B, sb0, sb1, B_MODE, B_AUX, sba0, sba1, B_SH, B_MEAN,
-                     B_RSTD, B_LNW, B_LNB, B_AFFINE, C, sc0, BIAS, HAS_BIAS, EPI,
+                     B_RSTD, B_LNW, B_LNB, B_AFFINE, C, sc0, sc1, BIAS, HAS_BIAS, EPI,
                      E1, se10, E2, se20, V, sv0, C, 0, False, 0, False, 0, False, 0,
                      C, C, C, C, C, C, M, N, K, DOT_DTYPE, IEEE, BLOCK_M, BLOCK_N, BLOCK_K,
                      GROUP_M)
@@ -350,6 +387,13 @@ def fused_matmul(a: Operand, b: Operand, out: Optional[torch.Tensor], a_t: bool 
                          f"(transposed={a_t}), B {tuple(b.x.shape)}, out {(M, N)}")
     if narrow:
         a, b = _narrow(a, dot_dtype), _narrow(b, dot_dtype)
+    if (a_t and a.mode == PLAIN and b.mode != PLAIN and out is not None and bias is None
+            and epilogue == STORE and part is None):
+        # a weight gradient whose B has a prologue: as C^T = opB^T @ A the transformed
+        # operand is the one fed from registers and the plain one streams through shared
+        # memory, so on sm_90 each wgmma overlaps the next K step's (pendings = 1, not 0)
+        return fused_matmul(b, Operand(a.x), out.t(), a_t=True, dot_dtype=dot_dtype, ieee=ieee,
+                            narrow=False)
     dummy = out if out is not None else scatter[3]
     e1 = e1 if e1 is not None else dummy
     e2 = e2 if e2 is not None else dummy
@@ -365,11 +409,11 @@ def fused_matmul(a: Operand, b: Operand, out: Optional[torch.Tensor], a_t: bool 
     c = out if out is not None else dummy
     sa, sb, sc, s1, s2, sv = (a.x.stride(), b.x.stride(), c.stride(), e1.stride(), e2.stride(),
                               v.stride())
-    if sc[1] != 1 or s1[1] != 1 or s2[1] != 1 or sv[1] != 1:  # the kernel assumes unit columns
-        raise ValueError("fused_matmul: out, e1, e2 and v_out need unit column stride")
+    if epilogue != STORE and (s1[1] != 1 or s2[1] != 1 or sv[1] != 1):  # unit columns assumed
+        raise ValueError("fused_matmul: e1, e2 and v_out need unit column stride")
     head = (a.x, sa[0], sa[1], a.mode, a_t, *_operand_args(a, dummy),
             b.x, sb[0], sb[1], b.mode, *_operand_args(b, dummy),
-            c, sc[0], bias if bias is not None else dummy, bias is not None,
+            c, sc[0], sc[1], bias if bias is not None else dummy, bias is not None,
             epilogue, e1, s1[0], e2, s2[0], v, sv[0])
     if part is None and scatter is None:
         _matmul_kernel[grid](*head, M, N, K, **cfg)
