@@ -60,7 +60,7 @@ class Launch:
         blob = json.dumps([self.fn.cache_key, self.signature,
                            sorted(map(repr, self.constexprs.items())),
                            sorted(map(repr, self.attrs.items())), self.num_warps, self.num_stages,
-                           arch, triton.__version__, "wgmma-v1"], sort_keys=True)
+                           arch, triton.__version__, "wgmma-v2"], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
     def constexpr_values(self) -> Dict[str, object]:
@@ -234,9 +234,11 @@ def compile_launch(rec: Launch, arch: int, use_cache: bool = True, registers: bo
             raise RuntimeError(f"no register count in the ptxas log:\n{text[-2000:]}")
         ttgir = k.asm.get("ttgir", "")
         res = dict(shared=int(k.metadata.shared), registers=max(regs),
-                   # sm_90: does the dot compile to asynchronous wgmma (loads overlap MMAs)?
+                   # sm_90: the dot as wgmma, and how many wgmma groups stay in flight at
+                   # the wait (0: each MMA waits for itself; 1: it overlaps the next K step)
                    wgmma="warp_group_dot" in ttgir,
-                   wgmma_async="warp_group_dot_wait" in ttgir,
+                   wgmma_pendings=max((int(x) for x in re.findall(r"pendings = (\d+)", ttgir)),
+                                      default=None),
                    spill_stores=max((a for a, _ in spills), default=0),
                    spill_loads=max((b for _, b in spills), default=0))
     except Exception as e:  # noqa: BLE001 - a kernel that does not compile is a finding
