@@ -42,7 +42,7 @@ def main(argv=None):
     env["GENDD_FAST_POISON"] = "0"
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "launches.json")
-        proc = subprocess.run([sys.executable, "-m", "gendd_fast.kernels.launch_check",
+        proc = subprocess.run([sys.executable, "-m", "gendd_fast.launch_check",
                                "--archs", args.archs, "--dtypes", args.dtypes, "--shapes",
                                args.shapes, "--jobs", str(args.jobs), "--json", path],
                               cwd=ROOT, env=env)

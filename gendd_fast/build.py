@@ -21,10 +21,10 @@ def choose_head(cfg: Config, device: torch.device):
     want = cfg.head if cfg.head != "auto" else ("fused" if device.type == "cuda" else "torch")
     if want == "torch":
         return DiffLoss
-    from .fused_head import (TOKENS_PER_IMAGE, FusedDiffLoss, fused_launch_problem,
-                             fused_unavailable_reason)
+    from .fused_head import FusedDiffLoss, fused_unavailable_reason
     why = fused_unavailable_reason(device)
     if not why:  # every kernel of a step compiled for this GPU and held to its limits, now
+        from .launch_check import TOKENS_PER_IMAGE, fused_launch_problem
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
             resolve_amp(cfg.amp, device), torch.float32)
         rows = [cfg.batch_size * (cfg.mul or 1) * t for t in TOKENS_PER_IMAGE]

@@ -13,10 +13,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+from .layout import folder
+
 METHODS = ("ce", "kd", "dkd", "ikl", "gendd-pretrain", "gendd")
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "filelist", "webdataset", "synthetic")
-# configs/ at the top of the repository, linked into the package (installed copies carry it).
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+# configs/ at the top of the repository, mapped into the package by setup.py (layout.py).
+CONFIG_DIR = folder("configs")
 
 
 @dataclass
