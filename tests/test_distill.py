@@ -10,6 +10,9 @@ from gendd_fast.distill import GenDD, dkd_loss, kd_loss
 from gendd_fast.head import draw_row_randomness
 from gendd_fast.models import create_model
 from helpers import perturb_zero_init
+from gendd_fast.distill import DKD
+import torch.nn as nn
+from helpers import _small_gendd
 
 
 def test_kd_loss_by_hand():
@@ -143,3 +146,71 @@ def test_sampling_evaluation_shapes():
                         cfg=2.0, num_sampling=2)
     assert out[""].shape == (3, 10) and out["sample_"].shape == (3, 10)
     assert torch.isfinite(out["sample_"]).all()
+
+
+# Guards from the mutation run (moved from test_mutation_guards.py): each pins a behaviour the rest
+# of the suite did not, with inputs where the wrong and right formulas disagree; each docstring
+# names the planted bugs it was run against and failed on.
+
+
+# ---------------------------------------------------------------------------------------------
+# DKD warm-up
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("progress,ramp", [(0.0, 0.0), (1.0, 0.05), (5.0, 0.25), (10.0, 0.5),
+                                           (19.5, 0.975), (20.0, 1.0), (35.0, 1.0)])
+def test_dkd_warmup_weight_at_given_epochs(progress, ramp):
+    """loss = ce_weight * CE + min(epoch / warmup, 1) * DKD, at warmup 20.
+    Planted: no clamp at 1; ramp by (epoch + 1); warm-up ignored."""
+    torch.manual_seed(0)
+    student = nn.Linear(5, 6)
+    m = DKD(nn.Sequential(student), alpha=1.0, beta=8.0, T=4.0, warmup=20, ce_weight=0.7)
+    x, y, t = torch.randn(8, 5), torch.randint(0, 6, (8,)), torch.randn(8, 6) * 3
+    loss, parts = m(x, y, (None, t), progress)
+    s = student(x)
+    ce = nn.functional.cross_entropy(s, y)
+    kd = dkd_loss(s, t, y, 1.0, 8.0, 4.0)
+    assert kd.item() > 0.1  # the warm-up weight is visible in the loss
+    want = 0.7 * ce + ramp * kd
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    m0 = DKD(nn.Sequential(student), warmup=0)
+    loss0, _ = m0(x, y, (None, t), progress)
+    assert loss0.item() == pytest.approx((ce + kd).item(), rel=1e-5)
+
+
+def test_gendd_step_hands_the_head_the_condition_target_and_drop_rate(monkeypatch):
+    """What the GenDD step passes to the head, with mixing off: z = LayerNorm(f_s), the
+    contracted target, mul and cond_drop. Planted: cond_drop not passed (0.0); z = f_s;
+    contraction weights swapped."""
+    g = _small_gendd(beta=0.0)
+    seen = {}
+
+    def spy(target, z, mul, cond_drop_prob, generator=None):
+        seen.update(target=target, z=z, mul=mul, p=cond_drop_prob)
+        return (z.sum() + target.sum()) * 0
+    monkeypatch.setattr(g.diffloss, "distill_loss", spy)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 4, 2, 2])
+    f_t = torch.randn(4, 64)
+    g(x, y, (f_t, None))
+    f_s = g.student.forward_features(x)
+    z = nn.functional.layer_norm(f_s, (f_s.shape[1],), g.cls_projector[0].weight,
+                                 g.cls_projector[0].bias)
+    torch.testing.assert_close(seen["z"], z, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(seen["target"], 0.3 * f_t + 0.7 * g.teacher_fc.weight[y])
+    assert seen["mul"] == 2 and seen["p"] == 0.3
+
+
+def test_gendd_step_probe_ce_reaches_fc_but_not_the_backbone(monkeypatch):
+    """In the full GenDD step the linear probe's CE trains fc on *detached* features: with the
+    diffusion term contributing no gradient, the backbone gets none. Planted:
+    logits = fc(f_s) without detach (CE then trains the student's backbone)."""
+    g = _small_gendd(beta=0.0)
+    monkeypatch.setattr(g.diffloss, "distill_loss",
+                        lambda target, z, *a, **k: (z.sum() + target.sum()) * 0)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 4, 2, 2])
+    loss, parts = g(x, y, (torch.randn(4, 64), None))
+    assert "ce" in parts
+    loss.backward()
+    assert g.student.fc.weight.grad.abs().sum() > 0
+    for name, p in g.student.named_parameters():
+        if not name.startswith("fc."):
+            assert p.grad is None or not p.grad.any(), name
