@@ -214,3 +214,62 @@ def test_gendd_step_probe_ce_reaches_fc_but_not_the_backbone(monkeypatch):
     for name, p in g.student.named_parameters():
         if not name.startswith("fc."):
             assert p.grad is None or not p.grad.any(), name
+
+
+# The method registry (gendd_fast/distill/): trainer, validation, evaluation and report ask it.
+
+def test_registry_declares_each_method_and_builds_it_from_a_config():
+    """Each method answers needs_teacher / needs_labels / samples and builds from a config.
+    Planted: KD declared needs_labels = True (validation then refuses the KL baseline) and GenDD
+    without samples = True (no sampling evaluation): both fail the table below."""
+    from gendd_fast.config import Config
+    from gendd_fast.distill import build_distiller, method, method_names
+    assert method_names() == ("ce", "kd", "dkd", "ikl", "gendd-pretrain", "gendd")
+    traits = {n: (method(n).needs_teacher, method(n).needs_labels, method(n).samples)
+              for n in method_names()}
+    assert traits == {"ce": (False, True, False), "kd": (True, False, False),
+                      "dkd": (True, True, False), "ikl": (True, False, False),
+                      "gendd-pretrain": (True, True, False), "gendd": (True, False, True)}
+    teacher, student = create_model("resnet8", 4), create_model("resnet8", 4)
+    for name in method_names():
+        d = build_distiller(Config(method=name, token_dim=32, diffloss_w=16, diffloss_d=1),
+                            student, teacher, DiffLoss)
+        assert type(d) is method(name) and d.name == name
+        assert (d.head is not None) == method(name).samples
+    with pytest.raises(ValueError, match="method 'kd' needs a teacher"):
+        build_distiller(Config(method="kd"), student, None)
+    with pytest.raises(ValueError, match="unknown method 'nope'; choose from ce, kd"):
+        method("nope")
+
+
+def test_a_new_method_is_one_class_and_one_registration():
+    """A method registered from outside the package (what a new file under distill/ does) is
+    accepted by the config's validation and built by build_distiller, with its declared needs
+    enforced; nothing else names it."""
+    from gendd_fast.config import Config, validate
+    from gendd_fast.distill import Distiller, base, build_distiller, register
+
+    @register("test-l2")
+    class L2(Distiller):
+        needs_teacher = True
+        needs_labels = False
+
+        @classmethod
+        def from_config(cls, cfg, student, teacher, head_cls=None):
+            return cls(student)
+
+        def forward(self, images, labels, teacher_out, progress=0.0):
+            loss = (self.student(images) - teacher_out[1]).pow(2).mean()
+            return loss, {"l2": loss.detach()}
+
+    try:
+        cfg = Config(method="test-l2", teacher="resnet8", labels=False)
+        validate(cfg)
+        with pytest.raises(ValueError, match="method 'test-l2' needs a teacher"):
+            validate(Config(method="test-l2", teacher=""))
+        d = build_distiller(cfg, create_model("resnet8", 4), create_model("resnet8", 4))
+        x = torch.randn(2, 3, 32, 32)
+        loss, parts = d(x, None, (None, torch.zeros(2, 4)))
+        assert loss.item() >= 0 and set(parts) == {"l2"}
+    finally:
+        base._METHODS.pop("test-l2")
