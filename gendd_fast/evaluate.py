@@ -208,21 +208,20 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     from .build import configure_sampler, sampling_kwargs
-    from .checkpoint import read_checkpoint
-    from .config import Config
+    from .checkpoint import CheckpointError, config_from_checkpoint, read_checkpoint
     from .public_checkpoint import as_trainer_checkpoint, read_public
 
-    fields = {f.name for f in dataclasses.fields(Config)}
     public = read_public(args.checkpoint)
     if public is not None:
         cfg, ckpt = _public_config(args, public), as_trainer_checkpoint(public)
     else:
         ckpt = read_checkpoint(args.checkpoint)
-        if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        try:
+            cfg = config_from_checkpoint(ckpt, args.checkpoint)
+        except CheckpointError:
             raise SystemExit(f"error: {args.checkpoint!r} is neither a gendd_fast training "
                              f"checkpoint (no 'config'/'model') nor one of the public GenDD code "
-                             f"(no 'model.*' student keys)")
-        cfg = Config(**{k: v for k, v in ckpt["config"].items() if k in fields})
+                             f"(no 'model.*' student keys)") from None
     over = dict(evaluation_overrides(args), train_list=args.train_list,
                 shot_split=args.shot_split)
     cfg, env, loaders, distiller = rebuild_for_evaluation(ckpt, cfg, over, args.device,

@@ -97,16 +97,11 @@ class Run:
 def load_run(path: str, overrides: Dict, device_pref: str, seed: int) -> Run:
     """A trainer checkpoint rebuilt in the order evaluate uses (seed, data, model, weights),
     so results match ``python -m gendd_fast.evaluate``."""
-    from .checkpoint import read_checkpoint
-    from .config import Config
+    from .checkpoint import config_from_checkpoint, read_checkpoint
     from .evaluate import rebuild_for_evaluation
 
     ckpt = read_checkpoint(path)
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"{path!r} is not a gendd_fast training checkpoint (no 'config'/"
-                         f"'model')")
-    fields = {f.name for f in dataclasses.fields(Config)}
-    cfg = Config(**{k: v for k, v in ckpt["config"].items() if k in fields})
+    cfg = config_from_checkpoint(ckpt, path)
     try:
         cfg, env, loaders, distiller = rebuild_for_evaluation(ckpt, cfg, overrides,
                                                               device_pref, seed)

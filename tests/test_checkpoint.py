@@ -161,3 +161,24 @@ def test_teacher_identity(tmp_path):
     assert ckpt_io.teacher_mismatch(ia, ckpt_io.file_identity(a), "last.pt") is None
     msg = ckpt_io.teacher_mismatch(ia, ib, "last.pt")
     assert "cannot resume from last.pt" in msg and ia["sha256"][:12] in msg
+
+
+def test_one_weights_reader_unwraps_every_nesting_and_strips_module(tmp_path):
+    """checkpoint.read_weights is what --init, --teacher-checkpoint, teacher weight files and the
+    public reader use: a state dict bare or under model / state_dict / student / model_ema,
+    DDP's module. prefix removed, anything else refused by name. Planted: 'state_dict' dropped
+    from STATE_KEYS (a public ImageNet file then holds no state dict): the loop fails."""
+    sd = {"a.weight": torch.ones(2), "b": torch.zeros(1)}
+    for i, obj in enumerate([sd, {"model": sd}, {"state_dict": {"module." + k: v
+                                                                for k, v in sd.items()}},
+                             {"student": sd, "epoch": 3}, {"model_ema": sd}]):
+        path = str(tmp_path / f"w{i}.pt")
+        torch.save(obj, path)
+        got = ckpt_io.read_weights(path, "weights")
+        assert set(got) == set(sd) and all(torch.equal(got[k], sd[k]) for k in sd), obj.keys()
+    torch.save({"model": {"a": [1, 2]}}, str(tmp_path / "bad.pt"))
+    with pytest.raises(ckpt_io.CheckpointError, match="holds no state dict"):
+        ckpt_io.read_weights(str(tmp_path / "bad.pt"), "weights")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ckpt_io.read_weights(str(tmp_path / "none.pt"), "weights")
+    assert not hasattr(ckpt_io, "load_student_weights")  # one --init loader (public_checkpoint)
