@@ -2,15 +2,16 @@
 a full disk keeps the previous file and names it, the newest good checkpoint is found past bad
 ones, stale temporaries go, best.pt is repaired, and the teacher a run was trained with is
 recorded."""
-from gendd_fast import checkpoint as ckpt_io
-from gendd_fast.models import create_model, load_checkpoint_weights
-import numpy as np
-import pytest
-from helpers import save_teacher, tiny_config
 import subprocess
 import sys
+
+import numpy as np
+import pytest
 import torch
-from helpers import _Payload, _disk_full, _env
+
+from gendd_fast import checkpoint as ckpt_io
+from gendd_fast.models import create_model, load_checkpoint_weights
+from helpers import _disk_full, _env, _Payload, save_teacher, tiny_config
 
 
 # Hostile input and faults (moved from the campaign file test_hardening.py): no code runs from a
