@@ -238,6 +238,72 @@ def fresh_run_refusal(output: str, overwrite: bool) -> Optional[str]:
             f"another --output, or pass --overwrite to replace it")
 
 
+# Files the trainer writes into OUTPUT: each must be a regular file that can be written, or be
+# absent. A directory named last.pt used to let a run train, then crash at its first save.
+OUTPUT_FILES = CHECKPOINT_NAMES + ("metrics.jsonl", "curves.png")
+
+
+def output_refusal(output: str) -> Optional[str]:
+    """Why this run cannot write its outputs into ``output`` (None: it can). Found before step
+    1: a read-only folder used to surface only when the first metrics or checkpoint were
+    written. The folder is tested by writing a file, which also holds for root and read-only
+    mounts, where permission bits say nothing."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=output, prefix=".write-test.", suffix=".tmp")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        return (f"output folder {output!r} cannot be written ({e.strerror or e}); choose a "
+                f"writable --output")
+    for name in OUTPUT_FILES:
+        p = os.path.join(output, name)
+        if os.path.lexists(p) and not os.path.isfile(p):
+            return (f"{p!r} exists but is not a regular file (a directory or a broken link); "
+                    f"the run could not write it. Remove or rename it, or choose another "
+                    f"--output")
+        if os.path.isfile(p) and name == "metrics.jsonl":
+            try:
+                open(p, "a").close()
+            except OSError as e:
+                return f"{p!r} cannot be written ({e.strerror or e}); fix it or choose another --output"
+    return None
+
+
+# The keys a resume reads, with their types: a hand-edited or foreign file fails here, naming
+# the key, instead of with a bare KeyError or TypeError somewhere in the resume.
+RESUME_KEYS = {"model": dict, "optimizer": dict, "scaler": dict, "schedule": dict,
+               "epoch": int, "step_in_epoch": int, "global_step": int, "world_size": int,
+               "config": dict, "best": dict, "rng": (list, tuple, dict)}
+
+
+def resume_state_problem(state: Any, path: str, epochs: int, steps_per_epoch: int
+                         ) -> Optional[str]:
+    """Why ``state`` cannot be resumed by a run of ``epochs`` x ``steps_per_epoch`` (None: it
+    can). ``step_in_epoch`` may equal ``steps_per_epoch``: a stop during the epoch-end
+    evaluation keeps the position before that evaluation."""
+    if not isinstance(state, dict):
+        return f"cannot resume from {path}: it holds a {type(state).__name__}, not a checkpoint"
+    for key, kind in RESUME_KEYS.items():
+        if key not in state:
+            return (f"cannot resume from {path}: the checkpoint has no {key!r} entry (is it a "
+                    f"training checkpoint of gendd_fast, not a weights-only file?)")
+        v = state[key]
+        if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+            want = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+            return (f"cannot resume from {path}: its {key!r} entry is a {type(v).__name__}, "
+                    f"expected a {want}")
+    ranges = {"epoch": (0, epochs), "step_in_epoch": (0, steps_per_epoch),
+              "global_step": (0, None), "world_size": (1, None)}
+    for key, (lo, hi) in ranges.items():
+        v = state[key]
+        if v < lo or (hi is not None and v > hi):
+            top = "" if hi is None else f"..{hi}"
+            return (f"cannot resume from {path}: {key} is {v}, outside {lo}{top}" +
+                    (f" (this run has {steps_per_epoch} steps per epoch)"
+                     if key == "step_in_epoch" else ""))
+    return None
+
+
 def remove_stale_temps(output: str) -> List[str]:
     """Delete the temporary files of checkpoint writes that were killed mid-way (atomic_save
     names them '.NAME.XXXX.tmp'). Call before this run writes anything. Returns what went."""

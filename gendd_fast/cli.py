@@ -13,6 +13,7 @@ from typing import List, Optional
 
 from .config import config_from_args
 from .models import list_models
+from .signal_policy import StopRequested
 from .train import train
 
 
@@ -37,6 +38,11 @@ def train_cli():
     """``train_main`` with the errors a user can fix printed as one line (exit status 2)."""
     try:
         train_main()
+    except StopRequested as e:  # the signal policy: a clean stop, not an error
+        print(f"gendd_fast: {e}; nothing of this run's progress was lost (checkpoints are "
+              f"written whole); run the same command with --resume auto to continue",
+              file=sys.stderr)
+        sys.exit(0)
     except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -57,3 +63,6 @@ def evaluate_cli():
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # nothing is written until the end: stopping loses nothing
+        print("gendd_fast: evaluation stopped by SIGINT; nothing was written", file=sys.stderr)
+        sys.exit(130)

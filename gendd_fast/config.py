@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+from .validation import check_number, coerce_value, interval
+
 METHODS = ("ce", "kd", "dkd", "ikl", "gendd-pretrain", "gendd")
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "filelist", "webdataset", "synthetic")
 # configs/ at the top of the repository, linked into the package (installed copies carry it).
@@ -386,7 +388,11 @@ def find_config(name: str) -> str:
 def load_yaml(path: str) -> Dict[str, Any]:
     import yaml
     with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
+        try:
+            data = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as e:  # e.g. a !!python tag: refused by safe_load, named here
+            raise ValueError(f"config {path}: not a plain YAML mapping of field: value "
+                             f"({type(e).__name__}: {' '.join(str(e).split())})") from None
     if not isinstance(data, dict):
         raise ValueError(f"config {path}: expected a mapping of field: value")
     data = {k.replace("-", "_"): v for k, v in data.items()}
@@ -414,9 +420,16 @@ def config_from_args(argv: Optional[List[str]] = None):
 
 
 def make_config(**values) -> Config:
-    cfg = Config(**values)
+    cfg = Config(**coerce_types(values))
     validate(cfg)
     return cfg
+
+
+def coerce_types(values: Dict[str, Any]) -> Dict[str, Any]:
+    """Each value converted to its field's declared type, or a named error (YAML gives strings
+    for '1e-3' and lists for '[64]'; both used to fail later as a bare TypeError)."""
+    types = {f.name: str(f.type) for f in dataclasses.fields(Config)}
+    return {k: coerce_value(k, v, types[k]) if k in types else v for k, v in values.items()}
 
 
 def validate(cfg: Config):
@@ -440,19 +453,14 @@ def validate(cfg: Config):
 
     # Numbers that would divide by zero, index out of range or be ignored silently later on
     # (some only after a whole epoch) are refused here, before anything is built.
+    # One validator (gendd_fast.validation.check_number): finite, in the stated range, named.
     def at_least(name, lo, optional=False):
         v = getattr(cfg, name)
-        if v is None and optional:
-            return
-        if v is None or v < lo:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least {lo}, got {v!r}")
+        check_number(name, v, interval(lo), integer=isinstance(lo, int) and
+                     not isinstance(v, float), optional=optional)
 
     def positive(name, optional=False):
-        v = getattr(cfg, name)
-        if v is None and optional:
-            return
-        if v is None or not v > 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {v!r}")
+        check_number(name, getattr(cfg, name), interval(0, lo_open=True), optional=optional)
 
     for name in ("log_interval", "eval_every", "token_dim", "diffloss_w", "diffloss_d",
                  "num_sampling", "synthetic_size"):
@@ -508,3 +516,9 @@ def validate(cfg: Config):
         raise ValueError(f"beta2-end must lie in (0, 1), got {cfg.beta2_end}")
     if cfg.num_sampling < 1:
         raise ValueError(f"num-sampling must be at least 1, got {cfg.num_sampling}")
+
+    for f in dataclasses.fields(Config):  # no NaN/Inf in any numeric field, ranged or not
+        v = getattr(cfg, f.name)
+        for x in (v if isinstance(v, list) else [v]):
+            if isinstance(x, float):
+                check_number(f.name, x)
