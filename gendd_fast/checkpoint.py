@@ -184,6 +184,9 @@ def load_student_weights(path: str, student: torch.nn.Module, strict: bool = Fal
     """Initialise a student from a checkpoint's ``model`` (stage 2 from stage 1). Non-strict:
     keys the student lacks are ignored. Returns a one-line summary."""
     ckpt = read_checkpoint(path, "initial weights")
+    why = unfinished_stage(ckpt, path)
+    if why:
+        raise CheckpointError(why)
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise CheckpointError(f"initial weights {path!r} hold no state dict")
@@ -196,6 +199,26 @@ def load_student_weights(path: str, student: torch.nn.Module, strict: bool = Fal
         raise CheckpointError(f"initial weights {path!r} miss {len(own) - len(usable)} keys")
     student.load_state_dict(usable, strict=False)
     return f"loaded {len(usable)}/{len(own)} student tensors from {path}"
+
+
+def unfinished_stage(ckpt: Any, path: str) -> Optional[str]:
+    """Why ``path``, a ``last.pt``, must not start the next stage (None: its run finished, or it
+    is not one of our training checkpoints). The stage-1 to stage-2 handoff: a stage 1 stopped
+    by a signal exits 0, so ``stage1 && stage2`` would start stage 2 from half a stage 1."""
+    if os.path.basename(path) != "last.pt" or not isinstance(ckpt, dict):
+        return None
+    cfg, epoch, step = ckpt.get("config"), ckpt.get("epoch"), ckpt.get("step_in_epoch", 0)
+    if not isinstance(cfg, dict) or not isinstance(epoch, int) or \
+            not isinstance(cfg.get("epochs"), int):
+        return None
+    if (epoch >= cfg["epochs"] and step == 0) or (
+            cfg.get("max_steps") and ckpt.get("global_step", 0) >= cfg["max_steps"]):
+        return None
+    return (f"initial weights {path!r} are the last.pt of a run that did not finish (epoch "
+            f"{epoch + 1 if step else epoch} of {cfg['epochs']}" + (f", step {step}" if step else "")
+            + f"; stopped by a signal?): the next stage would start from half the previous one. "
+              f"Finish that run with --resume auto in {os.path.dirname(path) or '.'}, or start "
+              f"from its best.pt on purpose")
 
 
 def resume_path(resume: Optional[str], output: str) -> Optional[str]:
@@ -332,6 +355,29 @@ def nonfinite_names(state: Dict[str, torch.Tensor], limit: int = 5) -> List[str]
     return [items[i][0] for i in torch.nonzero(~flags).flatten().tolist()[:limit]]
 
 
+def weight_problem(state: Dict[str, Any], own: Dict[str, torch.Tensor], path: str,
+                   what: str = "teacher") -> Optional[str]:
+    """Why the weights ``state`` read from ``path`` must not be loaded into a model whose own
+    state is ``own`` (None: they may). ``load_state_dict`` casts silently, so an int64 or
+    complex tensor where the model holds floats became plausible-looking floats; and a NaN
+    teacher surfaced only as a NaN loss at step 1, blamed on --lr. Integer buffers such as
+    BatchNorm's ``num_batches_tracked`` stay integers and are not flagged."""
+    wrong = [f"{k} ({state[k].dtype})" for k, v in own.items()
+             if k in state and isinstance(state[k], torch.Tensor) and v.is_floating_point()
+             and not state[k].is_floating_point()]
+    if wrong:
+        return (f"{what} checkpoint {path!r} holds non-float tensors where the model has float "
+                f"weights: {', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}; loading "
+                f"would cast them silently. Is it a weights file of this architecture?")
+    floats = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)
+              and (v.is_floating_point() or v.is_complex())}
+    bad = nonfinite_names({k: (v.abs() if v.is_complex() else v) for k, v in floats.items()})
+    if bad:
+        return (f"{what} checkpoint {path!r} holds NaN/Inf values in {', '.join(bad)}; the "
+                f"file is damaged or was saved from a diverged run. Use another {what} file")
+    return None
+
+
 def _is_good(path: str) -> Optional[int]:
     """global_step of a readable checkpoint of ours whose weights are all finite, else None."""
     try:
@@ -447,17 +493,69 @@ def _plain(obj: Any, where: str, dropped: List[str]):
     return None
 
 
-def trust_and_convert(src: str, dst: str) -> List[str]:
+class _RecordingPickle:
+    """A ``pickle_module`` for torch.load that records every global the file imports (what a
+    trusted file was allowed to run), whatever the file's format (zip or legacy)."""
+
+    def __init__(self):
+        import pickle as _pickle
+        imported = self.imported = []
+
+        class Unpickler(_pickle.Unpickler):
+            def find_class(self, module, name):
+                imported.append(f"{module}.{name}")
+                return super().find_class(module, name)
+
+        self.Unpickler = Unpickler
+        self.__name__ = "pickle"
+
+    def load(self, fh, **kw):
+        return self.Unpickler(fh, **kw).load()
+
+    def __getattr__(self, name):  # anything else torch asks of the module
+        import pickle as _pickle
+        return getattr(_pickle, name)
+
+
+def _tensor_rebuilding(name: str) -> bool:
+    """Globals every torch file imports to rebuild tensors: listing them would hide the rest."""
+    return (name.startswith(("torch._utils._rebuild", "torch.storage.", "torch._tensor."))
+            or (name.startswith("torch.") and name.endswith("Storage"))
+            or name == "collections.OrderedDict")
+
+
+def trust_and_convert(src: str, dst: str):
     """Load ``src`` with full unpickling (runs whatever it holds: only for files you trust) and
-    write ``dst`` holding only tensors and plain containers. Returns the dropped entries."""
-    obj = torch.load(src, map_location="cpu", weights_only=False)
+    write ``dst`` holding only tensors and plain containers. Returns (dropped entries, the
+    globals the file imported beyond torch's own tensor rebuilding)."""
+    if not os.path.isfile(src):
+        raise CheckpointError(f"--trust-and-convert: input {src!r} does not exist or is not a "
+                              f"file")
+    if os.path.isdir(dst) or (os.path.dirname(os.path.abspath(dst))
+                              and not os.path.isdir(os.path.dirname(os.path.abspath(dst)))):
+        raise CheckpointError(f"--trust-and-convert: output {dst!r} must be a file path in an "
+                              f"existing folder" + (" (it is a directory)"
+                                                    if os.path.isdir(dst) else ""))
+    recorder = _RecordingPickle()
+    try:
+        obj = torch.load(src, map_location="cpu", weights_only=False, pickle_module=recorder)
+    except Exception as e:  # noqa: BLE001 - truncated, foreign, or not a torch file
+        raise CheckpointError(f"--trust-and-convert: {src!r} could not be read "
+                              f"({type(e).__name__}: {e}); it may be truncated or not a torch "
+                              f"checkpoint") from None
     dropped: List[str] = []
-    atomic_save(_plain(obj, "file", dropped), dst)
-    return dropped
+    try:
+        atomic_save(_plain(obj, "file", dropped), dst)
+    except OSError as e:
+        raise CheckpointError(f"--trust-and-convert: cannot write {dst!r} "
+                              f"({e.strerror or e})") from None
+    allowed = sorted({g for g in recorder.imported if not _tensor_rebuilding(g)})
+    return dropped, allowed
 
 
 def _main(argv=None):
     import argparse
+    import sys
     p = argparse.ArgumentParser(prog="python -m gendd_fast.checkpoint",
                                 description="Checkpoint utilities.")
     p.add_argument("--trust-and-convert", nargs=2, metavar=("TRUSTED_IN", "OUT"), required=True,
@@ -466,9 +564,16 @@ def _main(argv=None):
                         "the trainer loads with weights_only=True")
     a = p.parse_args(argv)
     src, dst = a.trust_and_convert
-    dropped = trust_and_convert(src, dst)
+    try:
+        dropped, allowed = trust_and_convert(src, dst)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(f"wrote {dst}" + (f"; dropped non-tensor objects: {', '.join(dropped)}"
                             if dropped else ""))
+    print("the trusted file imported " + (", ".join(allowed) if allowed else
+                                          "nothing beyond torch's tensor rebuilding")
+          + " while it was loaded")
 
 
 if __name__ == "__main__":

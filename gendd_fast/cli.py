@@ -13,6 +13,7 @@ from typing import List, Optional
 
 from .config import config_from_args
 from .models import list_models
+from . import signal_policy
 from .signal_policy import StopRequested
 from .train import train
 
@@ -22,16 +23,22 @@ def train_main(argv: Optional[List[str]] = None):
     ``--list-models`` prints the zoo, anything else trains."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv:
-        from .demo import run_demo
-        return run_demo()
+        return _demo()
     cfg, args = config_from_args(argv)
     if args.list_models:
         print("\n".join(list_models()))
         return None
     if args.demo:
-        from .demo import run_demo
-        return run_demo()
+        return _demo()
     return train(cfg)
+
+
+def _demo():
+    """The demo's stages are train() calls; between them (the handoff) a signal stops the demo
+    at once instead of killing it or raising KeyboardInterrupt (each train() honours it inside)."""
+    from .demo import run_demo
+    with signal_policy.installed({"signal": None, "phase": "set-up"}):
+        return run_demo()
 
 
 def train_cli():

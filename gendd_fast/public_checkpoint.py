@@ -149,5 +149,9 @@ def load_public_teacher(state: Dict[str, torch.Tensor], model: torch.nn.Module, 
             f"{what} checkpoint {path!r} (public GenDD layout): its model.* does not match "
             f"{type(model).__name__}: {len(missing)} missing keys {missing[:5]}, "
             f"{len(unexpected)} unexpected keys {unexpected[:5]}")
+    from .checkpoint import weight_problem
+    why = weight_problem(sub, model.state_dict(), path, what)
+    if why:
+        raise PublicCheckpointError(why)
     model.load_state_dict(sub)
     return {"model": sub}
