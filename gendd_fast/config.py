@@ -475,35 +475,26 @@ def validate(cfg: Config):
     for name in ("temperature", "kd_T", "dkd_T"):
         positive(name)
     positive("clip_grad", optional=True)
-    if not 0.0 <= cfg.momentum < 1.0:
-        raise ValueError(f"momentum must lie in [0, 1), got {cfg.momentum}")
+    for name in ("momentum", "smooth", "cond_drop", "label_smoothing"):
+        check_number(name, getattr(cfg, name), interval(0.0, 1.0, hi_open=True))
     if cfg.method.startswith("gendd") or cfg.method in ("kd", "dkd", "ikl"):
         if not cfg.teacher:
             raise ValueError(f"method {cfg.method!r} needs a teacher (--teacher NAME "
                              f"--teacher-checkpoint PATH)")
-    if not 0.0 <= cfg.smooth < 1.0:
-        raise ValueError(f"smooth must lie in [0, 1), got {cfg.smooth}")
-    if not 0.0 <= cfg.cond_drop < 1.0:
-        raise ValueError(f"cond-drop must lie in [0, 1), got {cfg.cond_drop}")
     if len(cfg.crop_scale) != 2 or not 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1:
         raise ValueError(f"crop-scale must be two numbers 0 < lo <= hi <= 1, got {cfg.crop_scale}")
     if not cfg.labels and cfg.method in ("ce", "dkd", "gendd-pretrain"):
         raise ValueError(f"method {cfg.method!r} needs labels; unsupervised runs use --method "
                          f"gendd or kd (the KL baseline) with --labels false")
-    for name in ("mixup", "cutmix"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"{name} must be >= 0 (0 disables), got {getattr(cfg, name)}")
+    for name in ("mixup", "cutmix"):  # 0 disables
+        check_number(name, getattr(cfg, name), interval(0.0))
     for name in ("mixup_prob", "mixup_switch_prob"):
-        if not 0.0 <= getattr(cfg, name) <= 1.0:
-            raise ValueError(f"{name.replace('_', '-')} must lie in [0, 1], got "
-                             f"{getattr(cfg, name)}")
-    if not 0.0 <= cfg.label_smoothing < 1.0:
-        raise ValueError(f"label-smoothing must lie in [0, 1), got {cfg.label_smoothing}")
+        check_number(name, getattr(cfg, name), interval(0.0, 1.0))
     if cfg.randaug:
         from .data.augment import parse_randaug
         parse_randaug(cfg.randaug)  # raises on a malformed policy
-    if cfg.ikl_T <= 0 or cfg.ikl_T2 <= 0:
-        raise ValueError(f"ikl-T and ikl-T2 must be positive, got {cfg.ikl_T}, {cfg.ikl_T2}")
+    for name in ("ikl_T", "ikl_T2"):
+        positive(name)
     if cfg.teacher_pretrained and not (cfg.teacher or "").startswith("timm:"):
         raise ValueError(f"--teacher-pretrained applies to timm:NAME teachers, not "
                          f"{cfg.teacher!r} (torchvision teachers take --teacher-weights)")
@@ -512,8 +503,7 @@ def validate(cfg: Config):
                          f"{cfg.teacher!r} (zoo teachers take --teacher-checkpoint)")
     if len(cfg.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.betas):
         raise ValueError(f"betas must be two numbers in [0, 1), got {cfg.betas}")
-    if cfg.beta2_end is not None and not 0.0 < cfg.beta2_end < 1.0:
-        raise ValueError(f"beta2-end must lie in (0, 1), got {cfg.beta2_end}")
+    check_number("beta2_end", cfg.beta2_end, interval(0.0, 1.0, True, True), optional=True)
     if cfg.num_sampling < 1:
         raise ValueError(f"num-sampling must be at least 1, got {cfg.num_sampling}")
 

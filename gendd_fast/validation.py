@@ -45,24 +45,36 @@ def range_text(rng: Range) -> str:
     return f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
 
 
+def condition_text(rng: Range) -> str:
+    """The range as words: 'at least 1', 'positive', 'in [0, 1)', 'finite'."""
+    lo, hi, lo_open, hi_open = rng
+    if lo is None and hi is None:
+        return "finite"
+    if hi is None:
+        return ("positive" if lo == 0 else f"greater than {lo}") if lo_open else f"at least {lo}"
+    if lo is None:
+        return f"less than {hi}" if hi_open else f"at most {hi}"
+    return f"in {range_text(rng)}"
+
+
 def check_number(name: str, value: Any, rng: Range = interval(), integer: bool = False,
                  optional: bool = False):
     """``value`` if it is a finite number inside ``rng`` (an int when ``integer``), else a
     :class:`ConfigValueError` naming ``name``, the value, its type and the valid range."""
     if value is None and optional:
         return value
-    want = "an integer" if integer else "a finite number"
-    where = f"in {range_text(rng)}"
+    cond = condition_text(rng)
     if isinstance(value, bool) or not isinstance(value, (int, float)) \
             or (integer and not isinstance(value, int)):
-        raise ConfigValueError(f"{_flag(name)} must be {want} {where}, got {_describe(value)}")
+        want = "an integer" if integer else "a number"
+        raise ConfigValueError(f"{_flag(name)} must be {want}, {cond}; got {_describe(value)}")
     if not math.isfinite(value):
-        raise ConfigValueError(f"{_flag(name)} must be {want} {where}, got {_describe(value)}: "
-                               f"NaN and Inf are never valid")
+        raise ConfigValueError(f"{_flag(name)} must be {cond}, got {_describe(value)}: NaN and "
+                               f"Inf are never valid")
     lo, hi, lo_open, hi_open = rng
     if (lo is not None and (value <= lo if lo_open else value < lo)) or \
             (hi is not None and (value >= hi if hi_open else value > hi)):
-        raise ConfigValueError(f"{_flag(name)} must be {want} {where}, got {_describe(value)}")
+        raise ConfigValueError(f"{_flag(name)} must be {cond}, got {_describe(value)}")
     return value
 
 
