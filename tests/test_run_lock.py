@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from gendd_fast.run_lock import LOCK_NAME, RunLock, RunLockError
+LOCK_NAME = ".gendd.lock"  # gendd_fast.run_lock.LOCK_NAME (imported inside the tests that need it)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,6 +75,7 @@ def test_stale_lock_of_a_killed_run_is_taken_over(tmp_path):
     os.killpg(first.pid, signal.SIGKILL)
     first.wait(timeout=60)
     assert (out / LOCK_NAME).exists()
+    from gendd_fast.run_lock import RunLock
     lock = RunLock(str(out)).acquire()
     try:
         assert lock.stale and lock.stale["pid"] == first.pid
@@ -86,6 +87,7 @@ def test_stale_lock_of_a_killed_run_is_taken_over(tmp_path):
 def test_lock_is_held_against_another_holder_and_released_on_an_exception(tmp_path):
     """In one process: a second RunLock on the folder is refused (flock is per open file), and
     train() frees the folder even when the run fails (here: NaN loss at step 1)."""
+    from gendd_fast.run_lock import RunLock, RunLockError
     held = RunLock(str(tmp_path)).acquire()
     try:
         with pytest.raises(RunLockError, match=f"PID {os.getpid()}"):

@@ -9,7 +9,6 @@ import sys
 import pytest
 
 from gendd_fast.config import config_from_args, make_config
-from gendd_fast.validation import ConfigValueError, check_number, interval
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,6 +39,7 @@ def test_non_finite_numbers_are_refused_with_the_field_named(flag, value):
 
 
 def test_validator_states_range_name_value_and_type():
+    from gendd_fast.validation import ConfigValueError, check_number, interval
     assert check_number("lr", 0.5, interval(0)) == 0.5
     with pytest.raises(ConfigValueError, match=r"--lr must be at least 0, got -1 \(int\)"):
         check_number("lr", -1, interval(0))
