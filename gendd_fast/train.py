@@ -25,6 +25,7 @@ from . import checkpoint as ckpt_io
 from .build import build_method, configure_sampler, sampling_kwargs
 from .config import Config, config_diff
 from .data import build_loaders
+from .distill import method
 from .distributed import (all_gather_object, all_reduce_max, any_rank, broadcast_object,
                           init_distributed, shutdown)
 from .evaluate import evaluate, format_results, training_class_counts
@@ -224,8 +225,8 @@ class Trainer:
                    + f", {cfg.dataset} ({self.num_classes} classes), {self.steps_per_epoch} "
                      f"steps/epoch x {cfg.epochs} epochs, {env.world} process(es) on "
                      f"{self.device}, amp {self.amp}, data {self.loaders.backend}"
-                   + (f", head {type(self.distiller.diffloss).__name__}"
-                      if hasattr(self.distiller, "diffloss") else ""))
+                   + (f", head {type(self.distiller.head).__name__}"
+                      if self.distiller.head is not None else ""))
 
     def stop_agreed(self) -> bool:
         """Whether to stop, decided for all ranks at once (an all-reduce of the stop flags):
@@ -316,7 +317,7 @@ class Trainer:
         ``--sample-eval every``; the linear probe picks best.pt otherwise. Unsupervised GenDD has
         no trained probe, so it always samples."""
         cfg = self.cfg
-        gendd = hasattr(self.distiller, "diffloss")
+        gendd = method(cfg.method).samples
         self.sample_during = gendd and (cfg.sample_eval == "every"
                                         or (not cfg.labels and cfg.sample_eval == "end"))
         self.sample_final = gendd and cfg.sample_eval != "never"
