@@ -46,9 +46,8 @@ def train_cli():
     try:
         train_main()
     except StopRequested as e:  # the signal policy: a clean stop, not an error
-        print(f"gendd_fast: {e}; nothing of this run's progress was lost (checkpoints are "
-              f"written whole); run the same command with --resume auto to continue",
-              file=sys.stderr)
+        print(f"gendd_fast: {e}; the checkpoints on disk are whole (writes are atomic): run "
+              f"the same command with --resume auto to continue", file=sys.stderr)
         sys.exit(0)
     except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -77,7 +77,7 @@ def installed(stop: Dict):
 
 
 def set_phase(stop: Dict, phase: str):
-    """Enter ``phase``. Leaving set-up with a signal already recorded raises at once."""
+    """Enter ``phase`` (the trainer: "training" once set-up is done; the handler reads it)."""
     stop["phase"] = phase
 
 
