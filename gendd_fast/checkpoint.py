@@ -18,6 +18,7 @@ that could run code (teacher files are routinely downloaded).
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import os
@@ -38,6 +39,10 @@ class CheckpointError(ValueError):
 
 class UnsafeCheckpointError(CheckpointError):
     """A file that holds Python objects which could run code when unpickled: refused."""
+
+
+class MissingCheckpointError(CheckpointError, FileNotFoundError):
+    """A weights or checkpoint file that is not there."""
 
 
 class DiskFullError(CheckpointError, OSError):
@@ -125,20 +130,24 @@ def _unsafe_globals(path: str) -> List[str]:
 
 def _unsafe_message(path: str, what: str, names: List[str]) -> str:
     held = f" ({', '.join(names[:6])}{', ...' if len(names) > 6 else ''})" if names else ""
-    return (f"{what} {path!r} holds Python objects other than tensors and plain containers"
+    return (f"{what} {path!r} could not be read as tensors: it holds Python objects other than "
+            f"tensors and plain containers"
             f"{held}; unpickling them could run arbitrary code, so it was not loaded. If you "
             f"trust where the file came from, convert it once into a tensors-only copy with "
             f"'python -m gendd_fast.checkpoint --trust-and-convert {path} CONVERTED.pt' "
             f"and use CONVERTED.pt")
 
 
-def read_checkpoint(path: str, what: str = "checkpoint") -> Dict[str, Any]:
-    """Load a checkpoint or teacher file without executing anything it holds: tensors, plain
-    containers and :data:`SAFE_GLOBALS` only (``weights_only=True``)."""
+def read_checkpoint(path: str, what: str = "checkpoint", allow=()) -> Dict[str, Any]:
+    """Load a checkpoint or weights file without executing anything it holds: tensors, plain
+    containers and :data:`SAFE_GLOBALS` only (``weights_only=True``), plus the classes in
+    ``allow`` (the public GenDD reader lets its scripts' ``argparse.Namespace`` through). The one
+    reader of every file the package loads: --resume, --init, --teacher-checkpoint, teacher
+    weights, evaluate and the report."""
     if not path or not os.path.isfile(path):
-        raise CheckpointError(f"{what} {path!r} does not exist")
+        raise MissingCheckpointError(f"{what} {path!r} does not exist")
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
+        with torch.serialization.safe_globals(SAFE_GLOBALS + list(allow)):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         names = _unsafe_globals(path)
@@ -149,6 +158,73 @@ def read_checkpoint(path: str, what: str = "checkpoint") -> Dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - truncated, foreign, or not a torch file
         raise CheckpointError(f"{what} {path!r} could not be read ({type(e).__name__}: {e}); "
                               f"it may be truncated or not a torch checkpoint") from e
+
+
+# Where a weights file nests the model's state dict, in the order looked for: ours and the public
+# CIFAR scripts ('model'), the public ImageNet scripts and most trainers ('state_dict'), a
+# distiller's student ('student'), an EMA copy ('model_ema', torchvision's reference scripts).
+STATE_KEYS = ("model", "state_dict", "student", "model_ema")
+
+
+def strip_module(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Keys without DistributedDataParallel's ``module.`` prefix."""
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+
+
+def state_dict_in(obj: Any) -> Optional[Dict[str, torch.Tensor]]:
+    """The state dict inside a loaded file (nested under one of :data:`STATE_KEYS`, or bare),
+    ``module.`` prefixes removed; None when there is none (not a non-empty dict of tensors)."""
+    if isinstance(obj, dict):
+        for key in STATE_KEYS:
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or \
+            not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        return None
+    return strip_module(obj)
+
+
+def read_weights(path: str, what: str = "weights", allow=(), check=None
+                 ) -> Dict[str, torch.Tensor]:
+    """The state dict of a weights file (:func:`read_checkpoint`, then :func:`state_dict_in`).
+    ``check(loaded, path)``: a reason to refuse the whole file (e.g. :func:`unfinished_stage`)."""
+    loaded = read_checkpoint(path, what, allow)
+    why = check(loaded, path) if check is not None else None
+    if why:
+        raise CheckpointError(why)
+    state = state_dict_in(loaded)
+    if state is None:
+        raise CheckpointError(f"{what} {path!r} holds no state dict (expected "
+                              f"{{'model': state_dict}} or a bare state dict of tensors)")
+    return state
+
+
+def config_from_checkpoint(ckpt: Any, path: str):
+    """The :class:`Config` a training checkpoint of ours was written with (fields this version
+    does not know are dropped); a clear error for any other file. Used by evaluate and the
+    report."""
+    from .config import Config
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise CheckpointError(f"{path!r} is not a gendd_fast training checkpoint (no "
+                              f"'config'/'model')")
+    fields = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in ckpt["config"].items() if k in fields})
+
+
+def load_matching(state: Dict[str, torch.Tensor], student: torch.nn.Module, path: str,
+                  layout: str = "", error=CheckpointError) -> str:
+    """``--init``: the tensors of ``state`` that the student has, with the same shapes, loaded
+    non-strictly (stage 2 from stage 1; keys the student lacks are ignored). Returns a one-line
+    summary; an error when nothing matches."""
+    own = student.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    where = f" ({layout})" if layout else ""
+    if not usable:
+        raise error(f"initial weights {path!r}{where} share no parameter with the "
+                              f"student {type(student).__name__} - is it the right architecture?")
+    student.load_state_dict(usable, strict=False)
+    return f"loaded {len(usable)}/{len(own)} student tensors from {path}{where}"
 
 
 def split_state(state: Dict[str, torch.Tensor]):
@@ -178,27 +254,6 @@ def set_rng_state(s: Dict[str, Any]):
     torch.set_rng_state(s["torch"])
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def load_student_weights(path: str, student: torch.nn.Module, strict: bool = False) -> str:
-    """Initialise a student from a checkpoint's ``model`` (stage 2 from stage 1). Non-strict:
-    keys the student lacks are ignored. Returns a one-line summary."""
-    ckpt = read_checkpoint(path, "initial weights")
-    why = unfinished_stage(ckpt, path)
-    if why:
-        raise CheckpointError(why)
-    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"initial weights {path!r} hold no state dict")
-    own = student.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
-    if not usable:
-        raise CheckpointError(f"initial weights {path!r} share no parameter with the student "
-                              f"{type(student).__name__} - is it the right architecture?")
-    if strict and len(usable) != len(own):
-        raise CheckpointError(f"initial weights {path!r} miss {len(own) - len(usable)} keys")
-    student.load_state_dict(usable, strict=False)
-    return f"loaded {len(usable)}/{len(own)} student tensors from {path}"
 
 
 def unfinished_stage(ckpt: Any, path: str) -> Optional[str]:

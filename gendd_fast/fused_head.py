@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .head import DiffLoss, draw_row_randomness
+from .head_layout import modulation_layers
 from .notice import notice
 
 def fused_unavailable_reason(device) -> Optional[str]:
@@ -106,10 +107,8 @@ class FusedDiffLoss(DiffLoss):
             cb = net.cond_embed.bias.to(dt)
             cond = torch.cat([F.linear(z_img.to(dt), net.cond_embed.weight.to(dt), cb), cb[None]])
             y = adaln_condition(temb, ti, cond, ci, net.pos_embed.weight.to(dt), k, out_dtype=dt)
-            layers = [(b.adaLN_modulation[1].weight, b.adaLN_modulation[1].bias)
-                      for b in net.res_blocks]
+            layers = [(m.weight, m.bias) for m in modulation_layers(net)]
             fl = net.final_layer
-            layers.append((fl.adaLN_modulation[1].weight, fl.adaLN_modulation[1].bias))
             mods = adaln_modulation(y, layers, dot_dtype=dt).split(W, dim=1)
             h = fused_linear(x_t, net.input_proj.weight, net.input_proj.bias, out_dtype=dt,
                              dot_dtype=dt)

@@ -2,15 +2,16 @@
 a full disk keeps the previous file and names it, the newest good checkpoint is found past bad
 ones, stale temporaries go, best.pt is repaired, and the teacher a run was trained with is
 recorded."""
-from gendd_fast import checkpoint as ckpt_io
-from gendd_fast.models import create_model, load_checkpoint_weights
-import numpy as np
-import pytest
-from helpers import save_teacher, tiny_config
 import subprocess
 import sys
+
+import numpy as np
+import pytest
 import torch
-from helpers import _Payload, _disk_full, _env
+
+from gendd_fast import checkpoint as ckpt_io
+from gendd_fast.models import create_model, load_checkpoint_weights
+from helpers import _disk_full, _env, _Payload, save_teacher, tiny_config
 
 
 # Hostile input and faults (moved from the campaign file test_hardening.py): no code runs from a
@@ -161,6 +162,27 @@ def test_teacher_identity(tmp_path):
     assert ckpt_io.teacher_mismatch(ia, ckpt_io.file_identity(a), "last.pt") is None
     msg = ckpt_io.teacher_mismatch(ia, ib, "last.pt")
     assert "cannot resume from last.pt" in msg and ia["sha256"][:12] in msg
+
+
+def test_one_weights_reader_unwraps_every_nesting_and_strips_module(tmp_path):
+    """checkpoint.read_weights is what --init, --teacher-checkpoint, teacher weight files and the
+    public reader use: a state dict bare or under model / state_dict / student / model_ema,
+    DDP's module. prefix removed, anything else refused by name. Planted: 'state_dict' dropped
+    from STATE_KEYS (a public ImageNet file then holds no state dict): the loop fails."""
+    sd = {"a.weight": torch.ones(2), "b": torch.zeros(1)}
+    for i, obj in enumerate([sd, {"model": sd}, {"state_dict": {"module." + k: v
+                                                                for k, v in sd.items()}},
+                             {"student": sd, "epoch": 3}, {"model_ema": sd}]):
+        path = str(tmp_path / f"w{i}.pt")
+        torch.save(obj, path)
+        got = ckpt_io.read_weights(path, "weights")
+        assert set(got) == set(sd) and all(torch.equal(got[k], sd[k]) for k in sd), obj.keys()
+    torch.save({"model": {"a": [1, 2]}}, str(tmp_path / "bad.pt"))
+    with pytest.raises(ckpt_io.CheckpointError, match="holds no state dict"):
+        ckpt_io.read_weights(str(tmp_path / "bad.pt"), "weights")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ckpt_io.read_weights(str(tmp_path / "none.pt"), "weights")
+    assert not hasattr(ckpt_io, "load_student_weights")  # one --init loader (public_checkpoint)
 
 
 # -- output and resume preconditions, --trust-and-convert, teacher weights (issue 20) ----------
