@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .distill import method, method_names
 from .layout import folder
+from .validation import check_number, coerce_value, interval
 
 METHODS = method_names()  # the registry's (gendd_fast/distill/), in registration order
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "filelist", "webdataset", "synthetic")
@@ -497,7 +498,11 @@ def find_config(name: str) -> str:
 def load_yaml(path: str) -> Dict[str, Any]:
     import yaml
     with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
+        try:
+            data = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as e:  # e.g. a !!python tag: refused by safe_load, named here
+            raise ValueError(f"config {path}: not a plain YAML mapping of field: value "
+                             f"({type(e).__name__}: {' '.join(str(e).split())})") from None
     if not isinstance(data, dict):
         raise ValueError(f"config {path}: expected a mapping of field: value")
     data = {k.replace("-", "_"): v for k, v in data.items()}
@@ -525,9 +530,16 @@ def config_from_args(argv: Optional[List[str]] = None):
 
 
 def make_config(**values) -> Config:
-    cfg = Config(**values)
+    cfg = Config(**coerce_types(values))
     validate(cfg)
     return cfg
+
+
+def coerce_types(values: Dict[str, Any]) -> Dict[str, Any]:
+    """Each value converted to its field's declared type, or a named error (YAML gives strings
+    for '1e-3' and lists for '[64]'; both used to fail later as a bare TypeError)."""
+    types = {f.name: str(f.type) for f in dataclasses.fields(Config)}
+    return {k: coerce_value(k, v, types[k]) if k in types else v for k, v in values.items()}
 
 
 def validate(cfg: Config):
@@ -541,11 +553,13 @@ def validate(cfg: Config):
                              f"{', '.join(options)}")
         # Numbers that would divide by zero, index out of range or be ignored silently later
         # on (some only after a whole epoch) are refused here, before anything is built.
+        # One validator (gendd_fast.validation.check_number): finite, in the declared range,
+        # naming the field, the value and its type (Range.contains alone let NaN through).
         r = f.metadata["range"]
         optional = str(f.type).startswith("Optional")
         if r is not None and not (v is None and optional):
-            if v is None or not r.contains(v):
-                raise ValueError(f"{flag} must be {r.describe()}, got {v!r}")
+            check_number(f.name, v, interval(r.lo, r.hi, r.lo_open, r.hi_open),
+                         integer="int" in str(f.type) and not isinstance(v, float))
     if method(cfg.method).needs_teacher:
         if not cfg.teacher:
             raise ValueError(f"method {cfg.method!r} needs a teacher (--teacher NAME "
@@ -567,3 +581,9 @@ def validate(cfg: Config):
                          f"{cfg.teacher!r} (zoo teachers take --teacher-checkpoint)")
     if len(cfg.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.betas):
         raise ValueError(f"betas must be two numbers in [0, 1), got {cfg.betas}")
+
+    for f in dataclasses.fields(Config):  # no NaN/Inf in any numeric field, ranged or not
+        v = getattr(cfg, f.name)
+        for x in (v if isinstance(v, list) else [v]):
+            if isinstance(x, float):
+                check_number(f.name, x)

@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
 from .distill import method
 from .distributed import all_reduce_sum
 from .precision import autocast_for, resolve_amp
+from .signal_policy import EvaluationStopped
 
 
 # ImageNet-LT's groups (Liu et al., 2019): classes with more than 100 training images are
@@ -60,11 +61,14 @@ def training_class_counts(cfg, num_classes: Optional[int] = None) -> Optional[to
 @torch.no_grad()
 def evaluate(distiller, loader, device: torch.device, amp: str = "off", sample: bool = False,
              sample_kw: Optional[Dict] = None, max_batches: Optional[int] = None,
-             class_counts: Optional[torch.Tensor] = None) -> Dict:
+             class_counts: Optional[torch.Tensor] = None,
+             should_stop: Optional[Callable[[int], bool]] = None) -> Dict:
     """Top-1/top-5 (%) over the loader, summed over ranks. Keys: top1, top5 and, when sampling,
     sample_top1, sample_top5; n is the number of images scored. With ``class_counts`` (training
     images per class) also many/medium/few-shot top-1 per prediction (``many``,
-    ``sample_many``, ...): the hits of the held-out images of each group over their number."""
+    ``sample_many``, ...): the hits of the held-out images of each group over their number.
+    ``should_stop(b)`` is asked before batch ``b`` (the trainer's signal policy): True gives up
+    the pass with :class:`~gendd_fast.signal_policy.EvaluationStopped`."""
     was_training = distiller.training
     distiller.eval()
     counts: Dict[str, torch.Tensor] = {}
@@ -77,6 +81,9 @@ def evaluate(distiller, loader, device: torch.device, amp: str = "off", sample: 
     for b, (x, y) in enumerate(loader):
         if max_batches is not None and b >= max_batches:
             break
+        if should_stop is not None and should_stop(b):
+            distiller.train(was_training)
+            raise EvaluationStopped(b)
         outs = distiller.eval_logits(x, ctx, sample=sample, **(sample_kw or {}))
         n += y.numel()
         if seen is not None:

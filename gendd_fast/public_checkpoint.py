@@ -23,7 +23,8 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .checkpoint import load_matching, read_checkpoint, read_weights, state_dict_in
+from .checkpoint import (load_matching, read_checkpoint, read_weights, state_dict_in,
+                         unfinished_stage)
 
 TOP = ("model.", "classifier.", "cls_projector.", "diffloss.", "proj.")
 BUFFERS = ("cls_centers", "chunk_idx")
@@ -104,7 +105,8 @@ def load_student_weights(path: str, student: torch.nn.Module) -> str:
     code reloads stage 1."""
     state = read_public(path)
     if state is None:
-        return load_matching(read_weights(path, "initial weights"), student, path)
+        return load_matching(read_weights(path, "initial weights", check=unfinished_stage),
+                             student, path)
     return load_matching(student_state(state), student, path, "public GenDD layout",
                          PublicCheckpointError)
 
@@ -130,5 +132,9 @@ def load_public_teacher(state: Dict[str, torch.Tensor], model: torch.nn.Module, 
             f"{what} checkpoint {path!r} (public GenDD layout): its model.* does not match "
             f"{type(model).__name__}: {len(missing)} missing keys {missing[:5]}, "
             f"{len(unexpected)} unexpected keys {unexpected[:5]}")
+    from .checkpoint import weight_problem
+    why = weight_problem(sub, model.state_dict(), path, what)
+    if why:
+        raise PublicCheckpointError(why)
     model.load_state_dict(sub)
     return {"model": sub}

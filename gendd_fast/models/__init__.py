@@ -127,5 +127,9 @@ def load_checkpoint_weights(path: str, model: nn.Module, what: str = "teacher"):
                              f"{fc[0][2]})")
         raise ValueError(f"{what} checkpoint {path!r}: shapes differ, e.g. {bad[0][0]} is "
                          f"{bad[0][1]} in the file and {bad[0][2]} in the model")
+    from ..checkpoint import weight_problem
+    why = weight_problem(state, own, path, what)
+    if why:
+        raise ValueError(why)
     model.load_state_dict(state)
     return {"model": state}
