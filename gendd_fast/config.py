@@ -292,6 +292,11 @@ class Config:
         False, MODEL,
         help="channels-last memory format for the convolutional models")
     compile: bool = option(False, SPEED, run=False, help="torch.compile the model")
+    cuda_graph: str = option(
+        "auto", SPEED, choices=("auto", "on", "off"), run=False,
+        help="capture the whole training step in one CUDA graph and replay it: auto (on CUDA "
+             "when the step can be graphed: fixed batch shapes, GenDD, AdamW, bf16/fp32, one "
+             "process), on (refuse the run with the reason when it cannot), off")
     workers: int = option(
         4, DATA, range=at_least(0), run=False, evaluate=True,
         help="data loading worker processes per GPU")

@@ -35,7 +35,7 @@ from .notice import notice
 from .optim import LRSchedule, build_optimizer
 from .precision import autocast_for, resolve_amp
 from .run_lock import RunLock, RunLockError, describe as describe_holder
-from . import signal_policy
+from . import cuda_graph_step, signal_policy
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -217,6 +217,9 @@ class Trainer:
         configure_sampler(self.distiller, cfg)
         self.bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self.check_every = 1 if self.device.type == "cpu" else max(cfg.log_interval, 1)
+        # --cuda-graph: the whole step as one replayed graph (gendd_fast.cuda_graph_step)
+        self.graph_step = cuda_graph_step.GraphedStep(self) if cuda_graph_step.resolve(self) \
+            else None
         self.prepare_evaluation()
         self.t_run = time.time()
         if self.main_rank:
@@ -226,7 +229,8 @@ class Trainer:
                      f"steps/epoch x {cfg.epochs} epochs, {env.world} process(es) on "
                      f"{self.device}, amp {self.amp}, data {self.loaders.backend}"
                    + (f", head {type(self.distiller.head).__name__}"
-                      if self.distiller.head is not None else ""))
+                      if self.distiller.head is not None else "")
+                   + (", CUDA-graphed step" if self.graph_step else ""))
 
     def stop_agreed(self) -> bool:
         """Whether to stop, decided for all ranks at once (an all-reduce of the stop flags):
@@ -248,7 +252,7 @@ class Trainer:
         n_seen, n_steps, t_last, step = 0, 0, time.time(), self.start_step
         for step, (images, labels) in enumerate(self.loaders.train, start=self.start_step + 1):
             self.step = step
-            lr = self.train_step(images, labels, epoch + step / spe)
+            lr = (self.graph_step or self.train_step)(images, labels, epoch + step / spe)
             n_seen += images.shape[0]
             n_steps += 1
             for k, v in self.step_terms.items():

@@ -404,3 +404,112 @@ def test_resume_with_a_different_teacher_is_refused(tmp_path):
     res = train(dataclasses.replace(cfg, teacher_checkpoint=str(moved), resume="auto",
                                     max_steps=3))
     assert res["global_step"] == 3
+
+
+# -- --cuda-graph (gendd_fast.cuda_graph_step): refusals and the captured work's host syncs ----
+def test_cuda_graph_on_is_refused_on_cpu_in_one_line(tmp_path, teacher_ckpt):
+    """``--cuda-graph on`` where it cannot apply stops the run before step 1 with one line that
+    names the reason (planted: ``resolve`` ignoring ``on`` let the run train eagerly, no error);
+    ``auto`` on the CPU trains eagerly without a word."""
+    cfg = tiny_config(tmp_path, "gendd", teacher_ckpt, epochs=1, cuda_graph="on",
+                      sample_eval="never")
+    with pytest.raises(ValueError) as e:
+        train(cfg)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("--cuda-graph on cannot apply: ") \
+        and "CUDA device" in msg and "cpu" in msg, msg
+    assert not os.path.exists(os.path.join(cfg.output, "last.pt"))
+
+
+def test_cuda_graph_refusal_names_variable_shapes_and_other_blockers():
+    """Each blocker gets its own reason, checked as if on a CUDA device (nothing runs there):
+    a loader that keeps a short last batch, --skip-bad-images, fp16's scaler, DDP, SGD, a
+    reference head. A refusal that missed one would let a capture fail mid-run."""
+    from types import SimpleNamespace as NS
+
+    from gendd_fast.config import Config
+    from gendd_fast.cuda_graph_step import refusal
+    cuda = torch.device("cuda", 0)
+    FusedDiffLoss = type("FusedDiffLoss", (), {})
+    fused = NS(head=FusedDiffLoss())
+    fixed = NS(train=NS(train=True))
+    base = Config(method="gendd")
+    assert refusal(base, cuda, 1, "bf16", fixed, fused) is None
+    cases = [
+        (dict(), cuda, 1, "bf16", NS(train=NS(train=False)), fused, "short last batch"),
+        (dict(skip_bad_images=True), cuda, 1, "bf16", fixed, fused, "--skip-bad-images"),
+        (dict(), cuda, 1, "fp16", fixed, fused, "--amp fp16"),
+        (dict(), cuda, 2, "bf16", fixed, fused, "2 processes"),
+        (dict(opt="sgd"), cuda, 1, "bf16", fixed, fused, "AdamW"),
+        (dict(compile=True), cuda, 1, "bf16", fixed, fused, "--compile"),
+        (dict(method="kd"), cuda, 1, "bf16", fixed, fused, "--method kd"),
+        (dict(), cuda, 1, "bf16", fixed, NS(head=object()), "fused head"),
+        (dict(), torch.device("cpu"), 1, "off", fixed, fused, "CUDA device"),
+    ]
+    for over, dev, world, amp, loaders, distiller, want in cases:
+        why = refusal(dataclasses.replace(base, **over), dev, world, amp, loaders, distiller)
+        assert why and want in why and "\n" not in why, (over, why)
+
+
+class _HostSyncGuard(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every read of tensor values by the host: ``_local_scalar_dense`` (``.item()``,
+    ``bool()``, ``int()``, ``float()`` of a tensor) and calls of ``.cpu()``, ``.tolist()``,
+    ``.numpy()``. On a CUDA device each is a sync, and inside a capture an error. Allowed: the
+    Triton interpreter (it stands in for a device launch on the CPU) and the CPU optimizer's host
+    step counter (the graphed step makes AdamW capturable, which keeps it on the device)."""
+    ALLOWED = ("/triton/", os.sep + os.path.join("torch", "optim") + os.sep)
+
+    def __init__(self):
+        super().__init__()
+        self.synced = []
+
+    def record(self, what):
+        import traceback
+        stack = traceback.extract_stack()[:-2]
+        if not any(a in f.filename for f in stack for a in self.ALLOWED):
+            ours = [f for f in stack if os.sep + "torch" + os.sep not in f.filename]
+            self.synced.append(f"{what} at {ours[-1].filename}:{ours[-1].lineno}")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.record("_local_scalar_dense")
+        return func(*args, **(kwargs or {}))
+
+
+def test_graphed_step_work_never_syncs_with_the_host(tmp_path, teacher_ckpt, monkeypatch):
+    """The work the CUDA graph captures (teacher and student forward, the fused head's forward
+    and backward through the interpreter, clipping, the AdamW step) run once on the CPU under a
+    guard: no host reads of tensor values. Planted: the eager step's ``_has_labels`` check (a
+    ``bool()`` of a device tensor) left in GenDD's forward showed up in ``synced``, and so did
+    ``float(loss)`` in ``GraphedStep._body``."""
+    from gendd_fast.cuda_graph_step import GraphedStep
+    from gendd_fast.train import Trainer
+    cfg = tiny_config(tmp_path, "gendd", teacher_ckpt, epochs=1, head="fused", clip_grad=1.0,
+                      sample_eval="never", batch_size=8, mul=1)
+    trainer = Trainer(cfg)
+    try:
+        trainer.set_up()
+        trainer.prepare_loop()
+        assert type(trainer.distiller.head).__name__ == "FusedDiffLoss"
+        step = GraphedStep(trainer, capturable=False)
+        images, labels = next(iter(trainer.loaders.train))
+        step._inputs(images, labels)  # outside the graph: decides labels once
+        trainer.distiller.graph_mix_weight.fill_(trainer.distiller.draw_mix_weight())
+        before = [p.detach().clone() for p in trainer.distiller.head.parameters()]
+        guard = _HostSyncGuard()
+        for name in ("cpu", "tolist", "numpy"):
+            orig = getattr(torch.Tensor, name)
+
+            def spy(self, *a, _orig=orig, _name=name, **k):
+                guard.record(f".{_name}()")
+                return _orig(self, *a, **k)
+            monkeypatch.setattr(torch.Tensor, name, spy)
+        with guard:
+            step._body()
+        monkeypatch.undo()
+        assert guard.synced == [], guard.synced
+        assert torch.isfinite(step.terms["loss"]) and set(step.terms) >= {"loss", "diff"}
+        after = list(trainer.distiller.head.parameters())
+        assert any(not torch.equal(a, b) for a, b in zip(after, before))  # the step ran
+    finally:
+        trainer.release_lock()

@@ -2,6 +2,8 @@
 (GenDD, Cui et al.)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
@@ -80,9 +82,24 @@ class GenDD(Distiller):
         """The linear probe: the student's own classifier on its feature."""
         return self.student(images)
 
+    # Set by the CUDA-graphed step (gendd_fast.cuda_graph_step), which decides both outside the
+    # graph: a captured step can neither read device values on the host nor draw host randomness
+    # per replay. A device tensor holding this step's mixing weight, and whether batches carry
+    # labels (one decision per run instead of a host sync per step).
+    graph_mix_weight: Optional[torch.Tensor] = None
+    graph_has_labels: Optional[bool] = None
+
+    def has_labels(self, labels) -> bool:
+        return _has_labels(labels) if self.graph_has_labels is None else self.graph_has_labels
+
+    def draw_mix_weight(self) -> float:
+        """This step's Beta(beta, beta) mixing weight, drawn from the host RNG."""
+        return float(torch.distributions.Beta(torch.tensor([self.beta]),
+                                              torch.tensor([self.beta])).sample())
+
     def contract(self, t_feat, labels):
         """target = (1 - s) f_t + s W_t[y]  (soft labels: y @ W_t)."""
-        if self.smooth <= 0 or not self.use_labels or not _has_labels(labels):
+        if self.smooth <= 0 or not self.use_labels or not self.has_labels(labels):
             return t_feat
         w = self.teacher_fc.weight.float()
         if labels.is_floating_point():  # soft (mixed) labels: y @ W_t, in fp32 under autocast
@@ -96,8 +113,8 @@ class GenDD(Distiller):
         """Beta(beta, beta) mixing of conditions and targets with a random partner."""
         if self.beta <= 0 or z.shape[0] < 2:
             return z, target
-        m = float(torch.distributions.Beta(torch.tensor([self.beta]),
-                                           torch.tensor([self.beta])).sample())
+        m = self.graph_mix_weight if self.graph_mix_weight is not None \
+            else self.draw_mix_weight()
         perm = torch.randperm(z.shape[0], device=z.device)
         return m * z + (1 - m) * z[perm], m * target + (1 - m) * target[perm]
 
@@ -110,7 +127,7 @@ class GenDD(Distiller):
         diff = self.diffloss.distill_loss(target, z, self.mul, self.cond_drop)
         parts = {"diff": diff.detach()}
         loss = diff
-        if self.use_labels and _has_labels(labels):
+        if self.use_labels and self.has_labels(labels):
             ce = cross_entropy(logits, labels)
             loss = loss + ce
             parts["ce"] = ce.detach()
