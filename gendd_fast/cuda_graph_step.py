@@ -72,11 +72,10 @@ def make_capturable(optimizer, device: torch.device):
     frozen at its captured value)."""
     for g in optimizer.param_groups:
         g["capturable"], g["fused"], g["foreach"] = True, None, True
-        if not torch.is_tensor(g["lr"]):
-            g["lr"] = torch.tensor(float(g["lr"]), device=device)
+        # fresh device tensors even where a resumed state holds tensors (loaded to the host)
+        g["lr"] = torch.tensor(float(g["lr"]), device=device)
         b1, b2 = g["betas"]
-        if not torch.is_tensor(b2):
-            g["betas"] = (b1, torch.tensor(float(b2), device=device))
+        g["betas"] = (float(b1), torch.tensor(float(b2), device=device))
     for st in optimizer.state.values():
         if "step" in st and st["step"].device != device:
             st["step"] = st["step"].to(device=device, dtype=torch.float32)
@@ -139,8 +138,7 @@ class GraphedStep:
         lr, beta2 = t.schedule(step), t.schedule.beta2(step)
         for g in t.optimizer.param_groups:  # device fills: no host sync
             g["lr"].fill_(lr)
-            if torch.is_tensor(g["betas"][1]):
-                g["betas"][1].fill_(beta2)
+            g["betas"][1].fill_(beta2)
         self.step_no.fill_(step + 1)
         if self.mix:
             t.distiller.graph_mix_weight.fill_(t.distiller.draw_mix_weight())
