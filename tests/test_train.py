@@ -409,8 +409,8 @@ def test_resume_with_a_different_teacher_is_refused(tmp_path):
 # -- --cuda-graph (gendd_fast.cuda_graph_step): refusals and the captured work's host syncs ----
 def test_cuda_graph_on_is_refused_on_cpu_in_one_line(tmp_path, teacher_ckpt):
     """``--cuda-graph on`` where it cannot apply stops the run before step 1 with one line that
-    names the reason (planted: ``resolve`` ignoring ``on`` let the run train eagerly, no error);
-    ``auto`` on the CPU trains eagerly without a word."""
+    names the reason (planted: ``resolve`` ignoring ``on`` let the run train eagerly, no error).
+    ``auto``, the default, trains eagerly on the CPU: every other test here runs that way."""
     cfg = tiny_config(tmp_path, "gendd", teacher_ckpt, epochs=1, cuda_graph="on",
                       sample_eval="never")
     with pytest.raises(ValueError) as e:
