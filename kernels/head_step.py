@@ -174,31 +174,31 @@ class HeadStepFunction(torch.autograd.Function):
         cols = _cols(W, D, d)
         MW = cols.MW
         # fp32 weight gradients + the reduced sums, in one buffer (the masters' .grad)
-        wshapes = ([(W, 256), (W, W), (W, zc), (MW, W), (W, d)] + [(W, W)] * (2 * D)
-                   + [(2 * d, W)])
+        wshapes = [(W, W), (MW, W)] + [(W, W)] * (2 * D)
         sizes = [a * b for a, b in wshapes] + [cols.total]
         G = empty(sum(sizes), dev, torch.float32)
         views = G.split(sizes)
-        dte0, dte2, dcw, dmodw, dinw = (views[i].view(wshapes[i]) for i in range(5))
-        dw0 = [views[5 + 2 * i].view(W, W) for i in range(D)]
-        dw2 = [views[6 + 2 * i].view(W, W) for i in range(D)]
-        dfin, S = views[5 + 2 * D].view(2 * d, W), views[6 + 2 * D]
-        # zeroed: the partial sums (every producer writes only its own rows) and the three
-        # tables the condition backward scatters into
+        dte2, dmodw = views[0].view(W, W), views[1].view(MW, W)
+        dw0 = [views[2 + 2 * i].view(W, W) for i in range(D)]
+        dw2 = [views[3 + 2 * i].view(W, W) for i in range(D)]
+        S = views[2 + 2 * D]
+        # zeroed, in one launch: the partial sums (every producer writes only its own rows),
+        # the three tables the condition backward scatters into, and the weight gradients
+        # whose grids are under one wave (time fc0, cond_embed, input_proj, final layer):
+        # split-K GEMMs add their partial tiles into them
         prow = triton.cdiv(max(n, T), row_block(max(n, T)))
-        Z = torch.zeros(prow * cols.total + (T + B + 1 + L) * W, device=dev,
-                        dtype=torch.float32)
-        P = Z[:prow * cols.total].view(prow, cols.total)
-        o = prow * cols.total
-        dtemb = Z[o:o + T * W].view(T, W)
-        dcond = Z[o + T * W:o + (T + B + 1) * W].view(B + 1, W)
-        dpos = Z[o + (T + B + 1) * W:].view(L, W)
+        zshapes = [(prow, cols.total), (T, W), (B + 1, W), (L, W), (W, consts.feat.shape[1]),
+                   (W, zc), (W, d), (2 * d, W)]
+        zsizes = [a * b for a, b in zshapes]
+        Z = torch.zeros(sum(zsizes), device=dev, dtype=torch.float32)
+        P, dtemb, dcond, dpos, dte0, dcw, dinw, dfin = (
+            x.view(sh) for x, sh in zip(Z.split(zsizes), zshapes))
 
         gx = (g.reshape(1, 1) if g.dim() == 0 else g.reshape(n, 1)).expand(n, 2 * d)
         dop = Operand(dout, MUL, aux=gx)
         h, mu, rs, fshift, fscale = final
         fused_matmul(dop, Operand(h, LNMOD, aux=fscale, shift=fshift, mean=mu, rstd=rs), dfin,
-                     a_t=True, **kw)
+                     a_t=True, accumulate=True, **kw)
         # one du and one da serve every layer in turn (each is consumed before the next)
         du = empty((n, W), dev, torch.float32)
         da = empty((n, W), dev, dt)
@@ -237,7 +237,7 @@ class HeadStepFunction(torch.autograd.Function):
                                    dmods[:, c + W:c + 2 * W], ln_w[i], ln_b[i],
                                    g=gcur, part=P, offsets=offs, gate_below=gate_below,
                                    dh_dtype=dt)
-        fused_matmul(Operand(gcur), xt, dinw, a_t=True, **kw)
+        fused_matmul(Operand(gcur), xt, dinw, a_t=True, accumulate=True, **kw)
         fused_matmul(Operand(dmods), Operand(y, SILU), dmodw, a_t=True, **kw)
         fused_matmul(Operand(dmods), Operand(wts.mod), None, epilogue=SCATTER, e1=y, part=P,
                      c_sum=cols.tb2, c_sum2=cols.cb, scatter=(ti, ci, k, dtemb, dcond, dpos),
@@ -246,9 +246,9 @@ class HeadStepFunction(torch.autograd.Function):
         dh1 = empty((T, W), dev, torch.float32)
         fused_matmul(Operand(dtemb), Operand(wts.te2), dh1, epilogue=SILU_GRAD, e1=h1, part=P,
                      c_sum=cols.tb0, **kw)
-        fused_matmul(Operand(dh1), Operand(consts.feat), dte0, a_t=True, **kw)
+        fused_matmul(Operand(dh1), Operand(consts.feat), dte0, a_t=True, accumulate=True, **kw)
         dimg = dcond[:B]
-        fused_matmul(Operand(dimg), Operand(z_img), dcw, a_t=True, **kw)
+        fused_matmul(Operand(dimg), Operand(z_img), dcw, a_t=True, accumulate=True, **kw)
         dz = None
         if ctx.needs_input_grad[6]:
             dz = empty((B, zc), dev, torch.float32)

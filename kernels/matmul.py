@@ -154,7 +154,7 @@ if triton is not None:
             M, N, K,
             DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-            GROUP_M: tl.constexpr):
+            GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr):
         # grouped ordering of the output tiles: neighbouring programs share A rows in cache
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BLOCK_M)
@@ -167,7 +167,14 @@ if triton is not None:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        if SPLIT_K > 1:  # this program's share of the reduction: whole K blocks
+            k_per = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+            k_lo = tl.program_id(1) * k_per
+            k_hi = tl.minimum(K, k_lo + k_per)
+        else:
+            k_lo = 0
+            k_hi = K
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             if A_T:  # A = X^T: X[k, m] loaded as an (m, k) tile through swapped strides
                 a = _load_tile_t(A, sa0, sa1, offs_k, offs_m, K, M, A_MODE, A_AUX, saa0, saa1,
@@ -215,6 +222,8 @@ if triton is not None:
             tl.atomic_add(T0 + i0[:, None] * N + offs_n[None, :], acc, mask=mask)
             tl.atomic_add(T1 + i1[:, None] * N + offs_n[None, :], acc, mask=mask)
             tl.atomic_add(T2 + i2[:, None] * N + offs_n[None, :], acc, mask=mask)
+        elif SPLIT_K > 1:  # partial sums added into the zeroed fp32 C
+            tl.atomic_add(C + offs_m[:, None] * sc0 + offs_n[None, :] * sc1, acc, mask=mask)
         else:
             tl.store(C + offs_m[:, None] * sc0 + offs_n[None, :] * sc1,
                      acc.to(C.dtype.element_ty), mask=mask)
@@ -239,7 +248,7 @@ if triton is not None:
                      B_RSTD, B_LNW, B_LNB, B_AFFINE, C, sc0, sc1, BIAS, HAS_BIAS, EPI,
                      E1, se10, E2, se20, V, sv0, PART, sp0, A_SUM, oa, C_SUM, oc, C_SUM2, oc2,
                      I0, I1, I2, T0, T1, T2, M, N, K, DOT_DTYPE, IEEE, BLOCK_M, BLOCK_N,
-                     BLOCK_K, GROUP_M)
+                     BLOCK_K, GROUP_M, 1)
 
     @triton.jit
     def _matmul_kernel(
@@ -251,15 +260,16 @@ if triton is not None:
             E1, se10, E2, se20, V, sv0, M, N, K,
             DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-            GROUP_M: tl.constexpr):
+            GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr):
         """The same GEMM without partial sums or scatter: 11 arguments fewer for Triton to
-        bind on every launch (most of the step's GEMMs)."""
+        bind on every launch (most of the step's GEMMs). ``SPLIT_K`` > 1: the grid's second
+        axis splits the reduction and each program adds its partial tile into C atomically."""
         _matmul_body(A, sa0, sa1, A_MODE, A_T, A_AUX, saa0, saa1, A_SH, A_MEAN, A_RSTD, A_LNW,
                      A_LNB, A_AFFINE, B, sb0, sb1, B_MODE, B_AUX, sba0, sba1, B_SH, B_MEAN,
                      B_RSTD, B_LNW, B_LNB, B_AFFINE, C, sc0, sc1, BIAS, HAS_BIAS, EPI,
                      E1, se10, E2, se20, V, sv0, C, 0, False, 0, False, 0, False, 0,
                      C, C, C, C, C, C, M, N, K, DOT_DTYPE, IEEE, BLOCK_M, BLOCK_N, BLOCK_K,
-                     GROUP_M)
+                     GROUP_M, SPLIT_K)
 
 _DOT_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 _TL_DTYPE = {}
@@ -372,13 +382,15 @@ def fused_matmul(a: Operand, b: Operand, out: Optional[torch.Tensor], a_t: bool 
                  v_out: Optional[torch.Tensor] = None, dot_dtype: torch.dtype = torch.float32,
                  ieee: bool = True, part: Optional[torch.Tensor] = None, a_sum: int = -1,
                  c_sum: int = -1, c_sum2: int = -1, scatter=None, narrow: bool = True,
-                 shape=None) -> Optional[torch.Tensor]:
+                 shape=None, accumulate: bool = False) -> Optional[torch.Tensor]:
     """``out (M, N) <- epilogue(opA @ opB + bias)``; see the module docstring.
 
     ``part``: the (rows, cols) fp32 partial-sum buffer, with ``a_sum`` / ``c_sum`` / ``c_sum2``
     the column offsets written (-1: none). ``scatter``: ``(idx0, idx1, idx2, t0, t1, t2)`` for
     the SCATTER epilogue, which stores no ``out`` (then ``shape`` = (M, N)). ``narrow=False``
-    keeps plain fp32 operands as they are (their tiles are cast in the kernel)."""
+    keeps plain fp32 operands as they are (their tiles are cast in the kernel).
+    ``accumulate``: ``out`` is fp32 and zeroed, so a grid under one wave may split the
+    reduction (split-K: each part adds its partial tile atomically); plain STORE only."""
     M, N = out.shape if out is not None else shape
     ax = a.x
     K = ax.shape[0] if a_t else ax.shape[1]
@@ -393,19 +405,22 @@ def fused_matmul(a: Operand, b: Operand, out: Optional[torch.Tensor], a_t: bool 
         # operand is the one fed from registers and the plain one streams through shared
         # memory, so on sm_90 each wgmma overlaps the next K step's (pendings = 1, not 0)
         return fused_matmul(b, Operand(a.x), out.t(), a_t=True, dot_dtype=dot_dtype, ieee=ieee,
-                            narrow=False)
+                            narrow=False, accumulate=accumulate)
     dummy = out if out is not None else scatter[3]
     e1 = e1 if e1 is not None else dummy
     e2 = e2 if e2 is not None else dummy
     v = v_out if v_out is not None else dummy
     pt = part if part is not None else dummy
     i0, i1, i2, t0, t1, t2 = scatter if scatter is not None else (dummy,) * 6
-    cfg, grid = _launch(M, N, K, _operand_bytes(a), _operand_bytes(b), _DOT_BYTES[dot_dtype],
+    cfg, grid, split = _launch(M, N, K, _operand_bytes(a), _operand_bytes(b),
+                               _DOT_BYTES[dot_dtype],
                         a.mode != PLAIN or b.mode != PLAIN or a_t,
                         shared_memory_limit(dummy.device),
                         epilogue in (SILU_GRAD, SCATTER) or (a.mode in (MUL, NOISE) and
                                                              ax.element_size() == 4),
-                        a_t, dot_dtype, ieee and dot_dtype == torch.float32)
+                        a_t, dot_dtype, ieee and dot_dtype == torch.float32,
+                        accumulate and epilogue == STORE and bias is None and part is None
+                        and out is not None and out.dtype == torch.float32)
     c = out if out is not None else dummy
     sa, sb, sc, s1, s2, sv = (a.x.stride(), b.x.stride(), c.stride(), e1.stride(), e2.stride(),
                               v.stride())
@@ -416,7 +431,7 @@ def fused_matmul(a: Operand, b: Operand, out: Optional[torch.Tensor], a_t: bool 
             c, sc[0], sc[1], bias if bias is not None else dummy, bias is not None,
             epilogue, e1, s1[0], e2, s2[0], v, sv[0])
     if part is None and scatter is None:
-        _matmul_kernel[grid](*head, M, N, K, **cfg)
+        _matmul_kernel[grid](*head, M, N, K, SPLIT_K=split, **cfg)
     else:
         _fused_matmul_kernel[grid](
             *head, pt, pt.stride(0), a_sum >= 0, max(a_sum, 0), c_sum >= 0, max(c_sum, 0),
@@ -424,14 +439,30 @@ def fused_matmul(a: Operand, b: Operand, out: Optional[torch.Tensor], a_t: bool 
     return out
 
 
+# Split-K: an output of fewer tiles than one wave on a 132-SM H100 splits its reduction in up
+# to this many parts, each keeping at least SPLIT_MIN_K_STEPS K blocks (a pipeline to fill).
+WAVE_SMS = 132
+SPLIT_MIN_K_STEPS = 4
+
+
+def split_k(tiles: int, K: int, block_k: int) -> int:
+    """How many parts the reduction of a ``tiles``-program GEMM is split in (1: none)."""
+    if tiles >= WAVE_SMS:
+        return 1
+    return max(1, min(triton.cdiv(WAVE_SMS, tiles), triton.cdiv(K, block_k) // SPLIT_MIN_K_STEPS))
+
+
 @functools.lru_cache(maxsize=4096)
 def _launch(M, N, K, a_bytes, b_bytes, dot_bytes, transformed, smem_limit, heavy, a_t,
-            dot_dtype, ieee):
-    """Launch keywords (tiles, stages, dot dtype) and grid of one GEMM problem, computed once
-    per (problem, dtypes, device limit): a launch then costs one cache lookup."""
+            dot_dtype, ieee, accumulate=False):
+    """Launch keywords (tiles, stages, dot dtype, split-K) and grid of one GEMM problem,
+    computed once per (problem, dtypes, device limit): a launch then costs one cache lookup.
+    ``accumulate``: the output is a zeroed fp32 buffer, so split-K may apply."""
     cfg = dict(_launch_config(M, N, K, a_bytes, b_bytes, dot_bytes, transformed, smem_limit,
                               heavy, a_t), DOT_DTYPE=_TL_DTYPE[dot_dtype], IEEE=ieee)
-    return cfg, (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    split = split_k(tiles, K, cfg["BLOCK_K"]) if accumulate else 1
+    return cfg, (tiles, split), split
 
 
 def weight_t(w: torch.Tensor) -> Operand:
