@@ -174,24 +174,24 @@ class HeadStepFunction(torch.autograd.Function):
         cols = _cols(W, D, d)
         MW = cols.MW
         # fp32 weight gradients + the reduced sums, in one buffer (the masters' .grad)
-        wshapes = [(W, W), (MW, W)] + [(W, W)] * (2 * D)
+        wshapes = [(MW, W)] + [(W, W)] * (2 * D)
         sizes = [a * b for a, b in wshapes] + [cols.total]
         G = empty(sum(sizes), dev, torch.float32)
         views = G.split(sizes)
-        dte2, dmodw = views[0].view(W, W), views[1].view(MW, W)
-        dw0 = [views[2 + 2 * i].view(W, W) for i in range(D)]
-        dw2 = [views[3 + 2 * i].view(W, W) for i in range(D)]
-        S = views[2 + 2 * D]
+        dmodw = views[0].view(MW, W)
+        dw0 = [views[1 + 2 * i].view(W, W) for i in range(D)]
+        dw2 = [views[2 + 2 * i].view(W, W) for i in range(D)]
+        S = views[1 + 2 * D]
         # zeroed, in one launch: the partial sums (every producer writes only its own rows),
         # the three tables the condition backward scatters into, and the weight gradients
-        # whose grids are under one wave (time fc0, cond_embed, input_proj, final layer):
+        # whose grids are under one wave (time MLP, cond_embed, input_proj, final layer):
         # split-K GEMMs add their partial tiles into them
         prow = triton.cdiv(max(n, T), row_block(max(n, T)))
         zshapes = [(prow, cols.total), (T, W), (B + 1, W), (L, W), (W, consts.feat.shape[1]),
-                   (W, zc), (W, d), (2 * d, W)]
+                   (W, zc), (W, d), (2 * d, W), (W, W)]
         zsizes = [a * b for a, b in zshapes]
         Z = torch.zeros(sum(zsizes), device=dev, dtype=torch.float32)
-        P, dtemb, dcond, dpos, dte0, dcw, dinw, dfin = (
+        P, dtemb, dcond, dpos, dte0, dcw, dinw, dfin, dte2 = (
             x.view(sh) for x, sh in zip(Z.split(zsizes), zshapes))
 
         gx = (g.reshape(1, 1) if g.dim() == 0 else g.reshape(n, 1)).expand(n, 2 * d)
@@ -242,7 +242,7 @@ class HeadStepFunction(torch.autograd.Function):
         fused_matmul(Operand(dmods), Operand(wts.mod), None, epilogue=SCATTER, e1=y, part=P,
                      c_sum=cols.tb2, c_sum2=cols.cb, scatter=(ti, ci, k, dtemb, dcond, dpos),
                      shape=(n, W), **kw)
-        fused_matmul(Operand(dtemb), Operand(h1, SILU), dte2, a_t=True, **kw)
+        fused_matmul(Operand(dtemb), Operand(h1, SILU), dte2, a_t=True, accumulate=True, **kw)
         dh1 = empty((T, W), dev, torch.float32)
         fused_matmul(Operand(dtemb), Operand(wts.te2), dh1, epilogue=SILU_GRAD, e1=h1, part=P,
                      c_sum=cols.tb0, **kw)

@@ -442,7 +442,7 @@ def fused_matmul(a: Operand, b: Operand, out: Optional[torch.Tensor], a_t: bool 
 # Split-K: an output of fewer tiles than one wave on a 132-SM H100 splits its reduction in up
 # to this many parts, each keeping at least SPLIT_MIN_K_STEPS K blocks (a pipeline to fill).
 WAVE_SMS = 132
-SPLIT_MIN_K_STEPS = 4
+SPLIT_MIN_K_STEPS = 2
 
 
 def split_k(tiles: int, K: int, block_k: int) -> int:

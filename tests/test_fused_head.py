@@ -225,3 +225,33 @@ def test_weights_are_cast_once_per_optimizer_step_and_follow_the_update():
     with torch.no_grad():
         a, b = loss_of(fus).item(), loss_of(ref).item()
     assert abs(a - b) <= 2e-3 * abs(b), (a, b)
+
+
+@pytest.mark.parametrize("dot", [torch.float32, torch.float16])
+def test_split_k_weight_gradient_adds_every_part_once(dot):
+    """A weight-gradient GEMM under one wave (``accumulate``: zeroed fp32 output) splits its
+    long reduction over the grid's second axis and adds the partial tiles atomically; through
+    the interpreter it equals ``X^T @ Y`` in fp32 and fp16 operands, with K not a multiple of
+    the split. Planted: storing the partial tile instead of adding it (max error 108), and
+    ``k_per = K // SPLIT_K`` (parts not whole K blocks: rows summed twice or skipped, max
+    error 20), both failed here."""
+    from gendd_fast.kernels.matmul import (Operand, _launch, _TL_DTYPE, fused_matmul,
+                                           split_k)
+    g = torch.Generator().manual_seed(0)
+    K, M, N = 1000, 40, 64  # rows (the reduction), then the weight's two sides
+    x = torch.randn(K, M, generator=g).to(dot)
+    y = torch.randn(K, N, generator=g).to(dot)
+    out = torch.zeros(M, N)
+    fused_matmul(Operand(x), Operand(y), out, a_t=True, dot_dtype=dot, accumulate=True)
+    cfg, grid, split = _launch(M, N, K, x.element_size(), y.element_size(),
+                               x.element_size(), True, 232448, False, True, dot,
+                               dot == torch.float32, True)
+    assert split > 1 and grid == (grid[0], split), (grid, split)
+    assert split == split_k(grid[0], K, cfg["BLOCK_K"])
+    want = x.float().t() @ y.float()
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-3)
+    # without ``accumulate`` the same GEMM runs unsplit and stores (the output need not be zero)
+    plain = torch.full((M, N), 7.0)
+    fused_matmul(Operand(x), Operand(y), plain, a_t=True, dot_dtype=dot)
+    torch.testing.assert_close(plain, want, rtol=1e-4, atol=1e-3)
+    assert split_k(132, K, 64) == 1 and split_k(16, 64, 64) == 1  # a full wave; one K block
