@@ -73,7 +73,9 @@ class Launch:
 
     def describe(self) -> Dict:
         ptrs = {k: v for k, v in self.signature.items() if v.startswith("*")}
-        return dict(kernel=self.kernel, call=self.call, ctas=self.ctas, num_warps=self.num_warps,
+        return dict(kernel=self.kernel, call=self.call, ctas=self.ctas,
+                    split_k=int(self.constexpr_values().get("SPLIT_K", 1)),
+                    num_warps=self.num_warps,
                     num_stages=self.num_stages, constexprs={k: str(v) for k, v in
                                                             self.constexpr_values().items()},
                     pointer_dtypes=ptrs)
