@@ -235,8 +235,7 @@ def test_split_k_weight_gradient_adds_every_part_once(dot):
     the split. Planted: storing the partial tile instead of adding it (max error 108), and
     ``k_per = K // SPLIT_K`` (parts not whole K blocks: rows summed twice or skipped, max
     error 20), both failed here."""
-    from gendd_fast.kernels.matmul import (Operand, _launch, _TL_DTYPE, fused_matmul,
-                                           split_k)
+    from gendd_fast.kernels.matmul import Operand, _launch, fused_matmul, split_k
     g = torch.Generator().manual_seed(0)
     K, M, N = 1000, 40, 64  # rows (the reduction), then the weight's two sides
     x = torch.randn(K, M, generator=g).to(dot)
