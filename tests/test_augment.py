@@ -191,3 +191,63 @@ def test_mixed_batches_train_every_method(tmp_path, method):
                       beta=0.0)
     train(cfg)
     assert all(np.isfinite(r["loss"]) for r in read_metrics(cfg.output))
+
+
+# -- the wrapper's contract, through wrap_train_loader (whatever implements the ops) ------------
+class _FixedLoader:
+    """A training loader of one normalised batch, as both backends hand them over."""
+    backend = "torch"
+    bad_images = 0
+
+    def __init__(self, x):
+        self.x = x
+
+    def set_epoch(self, epoch, skip_batches=0):
+        pass
+
+    def __len__(self):
+        return 1
+
+    def __iter__(self):
+        yield self.x, torch.zeros(len(self.x), dtype=torch.long)
+
+
+def _augmented(pixels01, dataset="cifar100", **cfg_kw):
+    """pixels in [0, 1] -> normalise -> the configured batch augmentation -> back in [0, 1]."""
+    from types import SimpleNamespace
+
+    from gendd_fast.data.augment import wrap_train_loader
+    from gendd_fast.data.transforms import normalization_for
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in normalization_for(dataset))
+    cfg = make_config(method="ce", dataset=dataset, num_classes=10, seed=3, **cfg_kw)
+    loaders = SimpleNamespace(train=_FixedLoader((pixels01 - mean) / std), val=None,
+                              num_classes=10, backend="torch")
+    wrapped = wrap_train_loader(loaders, cfg, 0).train
+    wrapped.set_epoch(0)
+    out, _ = next(iter(wrapped))
+    return out, out * std + mean
+
+
+def test_batch_augmentation_hands_back_normalised_images():
+    """RandAugment works on [0, 1] pixels, but the batch the trainer gets is normalised again:
+    un-normalised, every value lies in [0, 1], and the many black pixels of the input (0 ->
+    -mean/std, about -1.9 for CIFAR-100) are still there as negatives.
+    Planted: the augmented batch returned un-normalised -> fails."""
+    g = torch.Generator().manual_seed(0)
+    x01 = (torch.rand(64, 3, 12, 12, generator=g) * 1.6 - 0.3).clamp(0, 1)  # 19% exact zeros
+    out, back = _augmented(x01, randaug="rand-m9-n2-mstd0.5")
+    assert back.min() >= -1e-4 and back.max() <= 1 + 1e-4
+    assert float((out < -1.5).float().mean()) > 0.05
+    assert not torch.allclose(back, x01, atol=1e-3)   # it did augment
+
+
+def test_rand_augment_draws_both_signs_of_a_signed_op():
+    """Signed ops (brightness, rotation, shear...) take a random sign: on mid-grey images the
+    only ops that move the level by more than one grey level are Brightness up and Brightness
+    down, so for a fixed seed some images come out clearly darker and some clearly brighter.
+    Planted: the sign always +1 -> fails (no image gets darker)."""
+    x01 = torch.full((400, 3, 4, 4), 128 / 255)
+    _, back = _augmented(x01, dataset="synthetic", randaug="rand-m9-n2-mstd0")
+    level = back.mean(dim=(1, 2, 3))
+    assert int((level < 128 / 255 - 0.05).sum()) >= 3
+    assert int((level > 128 / 255 + 0.05).sum()) >= 3
