@@ -176,3 +176,40 @@ def test_trainer_with_dali_backend(tmp_path):
                       progress=False, device="cpu")
     res = train(cfg)
     assert res["n"] == 12 and 0 <= res["top1"] <= 100
+
+
+def test_shards_partition_the_files_and_every_rank_takes_the_same_steps(tmp_path):
+    """DALI's readers split the list over ranks into the contiguous ranges
+    [n r / S, n (r + 1) / S) (n = 17, two ranks: 8 + 9 files). Evaluation reads each rank's whole
+    range, so over the ranks every file is scored exactly once and len() is the rank's own
+    batch count. Training drops partial batches and DALI stops every rank at the smallest
+    shard (n // S samples), so every rank takes the same number of steps, len() says so, and no
+    file is read twice in an epoch. Each rank augments with its own seed: on files of one and
+    the same picture, the two ranks' random crops and flips differ.
+    Planted: shard sizes n // shards (the remainder dropped) and one seed for every shard ->
+    fails. (Found with it: len() of a training shard counted the rank's own range, 9 here,
+    while DALI yields 8 on each rank, so ranks disagreed on the epoch's length; fixed.)"""
+    picture = smooth_image(20, 20, 0)
+    paths = []
+    for i in range(17):
+        Image.fromarray(picture).save(tmp_path / f"f{i:02d}.png")
+        paths.append(f"f{i:02d}.png")
+    lst = tmp_path / "files.txt"
+    lst.write_text("".join(f"{p} {i}\n" for i, p in enumerate(paths)))  # label = file id
+    scored, trained, crops = [], [], []
+    for rank in range(2):
+        cfg = make_config(method="ce", dataset="filelist", data_path=str(tmp_path),
+                          train_list=str(lst), val_list=str(lst), image_size=16, val_resize=16,
+                          batch_size=1, eval_batch_size=1, workers=0, data_backend="dali",
+                          num_classes=17, seed=5).resolved()
+        L = build_loaders(cfg, rank, 2, DEV)
+        _, y, _ = collect(L.val)
+        assert len(L.val) == len(y) == 17 * (rank + 1) // 2 - 17 * rank // 2, rank
+        scored += y.tolist()
+        x, y, _ = collect(L.train)
+        assert len(L.train) == len(y) == 17 // 2, rank
+        trained += y.tolist()
+        crops.append(x)
+    assert sorted(scored) == list(range(17))
+    assert len(set(trained)) == len(trained) == 2 * (17 // 2)
+    assert not torch.allclose(crops[0], crops[1])

@@ -322,8 +322,11 @@ def build_loaders(cfg, rank: int, world: int, device: torch.device):
             n, shard_files = len(ds), None
         else:
             raise TypeError(f"no DALI pipeline for {type(ds).__name__}")
-        return DaliLoader(pipe, batch, train, device, _shard_size(n, rank, world), "Reader",
-                          shard_files)
+        # Training drops partial batches, and DALI's iterator then stops every rank at the
+        # smallest shard (n // world samples), so that all ranks take the same steps; len()
+        # must count those, not the rank's own shard, or ranks disagree on the epoch's length.
+        size = n // world if train else _shard_size(n, rank, world)
+        return DaliLoader(pipe, batch, train, device, size, "Reader", shard_files)
 
     return Loaders(make(train_ds, True, cfg.batch_size), make(val_ds, False, cfg.eval_batch_size),
                    nc, "dali")
