@@ -214,3 +214,65 @@ def test_evaluate_needs_neither_the_init_nor_the_teacher_file(tmp_path, teacher_
     os.remove(teacher)
     got = evaluate.main(["--checkpoint", os.path.join(cfg.output, "last.pt"), "--no-sample"])
     assert got["top1"] == pytest.approx(res["top1"])
+
+
+# -- the trainer's loop: schedule position, evaluation cadence, best.pt across a resume ---------
+def test_each_step_gets_the_schedule_at_its_own_step_and_fractional_epoch(tmp_path, monkeypatch):
+    """Step s (1-based) of epoch e trains at lr(g) with g = e * spe + s - 1 its 0-based global
+    step (linear warm-up lr (g + 1) / W, then cosine to min_lr, written out here), and hands the
+    method the fractional epoch e + s / spe (so the last step of epoch e is at e + 1).
+    Planted: the fractional epoch passed one step late -> fails."""
+    import math
+    seen = []
+    real = CE.forward
+
+    def recording(self, images, labels, teacher_out=None, progress=0.0):
+        seen.append(progress)
+        return real(self, images, labels, teacher_out, progress)
+
+    monkeypatch.setattr(CE, "forward", recording)
+    cfg = tiny_config(tmp_path, "ce", epochs=3, lr=0.1, min_lr=0.01, sched="cos",
+                      warmup_epochs=1)
+    train(cfg)
+    spe, total, warm = 4, 12, 4
+    assert seen == pytest.approx([e + s / spe for e in range(3) for s in range(1, spe + 1)])
+    rows = read_metrics(cfg.output)
+    assert [r["step"] for r in rows] == list(range(1, total + 1))
+    for r in rows:
+        g = r["step"] - 1
+        want = 0.1 * (g + 1) / warm if g < warm else \
+            0.01 + 0.09 * 0.5 * (1 + math.cos(math.pi * (g - warm) / (total - warm)))
+        assert r["lr"] == pytest.approx(want, rel=1e-9), g
+
+
+def test_eval_every_n_epochs_evaluates_epochs_n_2n_and_the_last(tmp_path):
+    """--eval-every 2 over 5 epochs: validation rows for epochs 2 and 4 (1-based), and 5, the
+    last, always.
+    Planted: the epoch test off by one -> fails."""
+    cfg = tiny_config(tmp_path, "ce", epochs=5, eval_every=2, synthetic_size=32)
+    train(cfg)
+    assert [r["epoch"] for r in read_metrics(cfg.output, "val")] == [2, 4, 5]
+
+
+def test_best_checkpoint_survives_a_resume_unless_beaten(tmp_path, monkeypatch):
+    """best.pt is replaced only by a better score than the best so far, also the best of the
+    run before a resume: scores 50, 30 (stop), then 40 after resuming keep epoch 1's best.pt;
+    a later 60 replaces it.
+    Planted: the best score not restored on resume -> fails."""
+    import dataclasses
+
+    import gendd_fast.train as train_mod
+    scores = iter([50.0, 30.0, 40.0, 60.0])
+    monkeypatch.setattr(train_mod, "evaluate",
+                        lambda *a, **kw: {"top1": next(scores), "top5": 100.0, "n": 16})
+    cfg = tiny_config(tmp_path, "ce", epochs=4, max_steps=8)
+    train(cfg)
+
+    def best_epoch():
+        return ckpt_io.read_checkpoint(os.path.join(cfg.output, "best.pt"))["epoch"]
+
+    assert best_epoch() == 1
+    train(dataclasses.replace(cfg, max_steps=12, resume="auto"))   # epoch 3 scores 40
+    assert best_epoch() == 1
+    train(dataclasses.replace(cfg, max_steps=0, resume="auto"))    # epoch 4 scores 60
+    assert best_epoch() == 4
