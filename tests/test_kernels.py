@@ -247,7 +247,10 @@ def test_layernorm_kernels_mask_the_lanes_past_the_width():
     (40, block 64), every input a row-strided view whose padding lanes hold 1e4 (1-D weights
     too), outputs written into padded buffers: the results equal the float64 reference and
     the padding of the outputs keeps its sentinel.
-    Planted: the LayerNorm kernel's loads not masked past the width -> fails."""
+    Planted: the LayerNorm statistics kernel's load not masked past the width -> fails; its
+    centred difference not masked -> fails; the backward's d-shift store not masked -> fails.
+    (Unmasked loads of h or ln_w in the backward change nothing: the masked xhat and du zero
+    those lanes, so those plants pass, rightly.)"""
     from gendd_fast.kernels.layernorm import ln_mod_backward, ln_stats
     n, W, B, eps = 7, 40, 64, 1e-6
     gen = torch.Generator().manual_seed(3)

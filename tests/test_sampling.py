@@ -54,7 +54,8 @@ def test_step_noise_i_r_moves_row_r_only_and_the_last_step_adds_none(backend, cf
     """step_noises[i, r] is the noise of step i (0: the step from T) for row r: changing it
     changes row r's token and no other, changing the last step's entry changes nothing (no
     noise at the last step), and with guidance the unconditional half's noises are never used.
-    Planted: per-step noise sliced on the wrong axis -> fails."""
+    Planted: per-step noise sliced on the wrong axis (the reference loop taking
+    ``step_noises[:, step]``; the extension path handed the noises transposed) -> fails."""
     assert sampler_ext.available()
     head = _head()
     n = STEPS   # as many rows as steps: a transposed slice keeps its shape and must be caught
