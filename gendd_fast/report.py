@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from .distill import method
 from .evaluate import add_evaluation_options, evaluation_overrides
 
 DDPM_STEPS = (100, 64, 32, 16)
@@ -153,7 +154,8 @@ def evaluate_checkpoints(paths: Sequence[str], overrides: Dict, device: str = "a
     runs = []
     for path in paths:
         run = load_run(path, overrides, device, seed)
-        cfg, gendd = run.cfg, hasattr(run.distiller, "diffloss")
+        cfg = run.cfg
+        gendd = method(cfg.method).samples
         do_sample = sample and gendd
         res = _evaluate(run, cfg, do_sample)
         res.update(checkpoint=path, method=cfg.method, pair=pair_name(run.saved),

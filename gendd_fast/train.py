@@ -25,6 +25,7 @@ from . import checkpoint as ckpt_io
 from .build import build_method, configure_sampler, sampling_kwargs
 from .config import Config, config_diff
 from .data import build_loaders
+from .distill import method
 from .distributed import (all_gather_object, all_reduce_max, any_rank, broadcast_object,
                           init_distributed, shutdown)
 from .evaluate import evaluate, format_results, training_class_counts
@@ -196,8 +197,8 @@ class Trainer:
                    + f", {cfg.dataset} ({self.num_classes} classes), {self.steps_per_epoch} "
                      f"steps/epoch x {cfg.epochs} epochs, {env.world} process(es) on "
                      f"{self.device}, amp {self.amp}, data {self.loaders.backend}"
-                   + (f", head {type(self.distiller.diffloss).__name__}"
-                      if hasattr(self.distiller, "diffloss") else ""))
+                   + (f", head {type(self.distiller.head).__name__}"
+                      if self.distiller.head is not None else ""))
 
     def _install_signal_handler(self):
         """A SIGTERM (pre-emption) saves 'last' at the next step boundary, then exits cleanly."""
@@ -300,7 +301,7 @@ class Trainer:
         ``--sample-eval every``; the linear probe picks best.pt otherwise. Unsupervised GenDD has
         no trained probe, so it always samples."""
         cfg = self.cfg
-        gendd = hasattr(self.distiller, "diffloss")
+        gendd = method(cfg.method).samples
         self.sample_during = gendd and (cfg.sample_eval == "every"
                                         or (not cfg.labels and cfg.sample_eval == "end"))
         self.sample_final = gendd and cfg.sample_eval != "never"
