@@ -165,7 +165,7 @@ def test_teacher_identity(tmp_path):
     assert "cannot resume from last.pt" in msg and ia["sha256"][:12] in msg
 
 
-# -- issue 22: which last.pt may repair best.pt; what --init loads ----------------------------------
+# -- issue 22: which last.pt may repair best.pt; what --init loads ------------------------------
 
 def _mid_epoch_state(epoch, step_in_epoch, best_epoch, value):
     return {"model": {"w": torch.full((3,), value)}, "extra": {}, "global_step": 4 * epoch
@@ -181,12 +181,12 @@ def test_mid_epoch_last_checkpoint_never_repairs_best(tmp_path):
     out = str(tmp_path)
     old = _mid_epoch_state(1, 0, 1, value=1.0)
     ckpt_io.atomic_save(old, os.path.join(out, "best.pt"))
-    mid = _mid_epoch_state(2, 3, 2, value=2.0)   # best was epoch 2; then 3 more steps of epoch 3
+    mid = _mid_epoch_state(2, 3, 2, value=2.0)   # best: epoch 2; then 3 steps of epoch 3
     msg = ckpt_io.repair_best(mid, out)
     assert msg is not None and "no longer on disk" in msg
     kept = ckpt_io.read_checkpoint(os.path.join(out, "best.pt"))
     assert kept["epoch"] == 1 and torch.equal(kept["model"]["w"], old["model"]["w"])
-    end = _mid_epoch_state(2, 0, 2, value=3.0)   # written at the end of the best epoch: it is the best
+    end = _mid_epoch_state(2, 0, 2, value=3.0)   # the end of the best epoch: it is the best
     assert "rewrote" in ckpt_io.repair_best(end, out)
     assert ckpt_io.read_checkpoint(os.path.join(out, "best.pt"))["epoch"] == 2
 

@@ -150,7 +150,7 @@ def test_ci_launch_subset_covers_every_supported_arch():
 _SMEM_CODE = r"""
 import json, torch
 from gendd_fast.kernels import matmul as mm
-from gendd_fast.kernels.launch_check import compile_launch, recording
+from gendd_fast.launch_check import compile_launch, recording
 real, seen = mm.smem_estimate, []
 mm.smem_estimate = lambda *a: seen.append(real(*a)) or seen[-1]
 bf = torch.bfloat16
