@@ -365,7 +365,8 @@ def test_init_skips_tensors_of_another_shape_and_reports_k_of_n(tmp_path):
     """--init from a checkpoint whose classifier has another class count: every tensor of the
     same name and shape loads, the two classifier tensors are skipped, and the summary says
     how many of the student's tensors were loaded.
-    Planted: the shape filter dropped from load_student_weights -> fails."""
+    Planted: the shape filter dropped (load_student_weights, now checkpoint.load_matching) ->
+    fails."""
     torch.manual_seed(0)
     src = create_model("resnet8", 10)
     path = str(tmp_path / "stage1.pt")
@@ -373,7 +374,8 @@ def test_init_skips_tensors_of_another_shape_and_reports_k_of_n(tmp_path):
     torch.manual_seed(1)
     dst = create_model("resnet8", 4)
     fc_before = dst.fc.weight.detach().clone()
-    msg = ckpt_io.load_student_weights(path, dst)
+    from gendd_fast.public_checkpoint import load_student_weights   # the one --init loader
+    msg = load_student_weights(path, dst)
     n = len(dst.state_dict())
     assert f"loaded {n - 2}/{n} student tensors" in msg
     assert torch.equal(dst.fc.weight, fc_before)
