@@ -42,6 +42,8 @@ class Config:
     data_backend: str = "auto"       # auto | torch | dali
     skip_bad_images: bool = False
     synthetic_size: int = 256        # images in the 'synthetic' dataset (tests, benchmarks)
+    labeled_fraction: float = 1.0    # in-memory data: keep labels of this stratified fraction
+    val_from_train: float = 0.0      # in-memory data: evaluate on this carved training fraction
     # --- optimisation --------------------------------------------------------------------------
     epochs: int = 240
     batch_size: int = 64             # per GPU (per process)
@@ -193,6 +195,13 @@ FLAG_GROUPS = [
                         "on CUDA when installed)",
         "skip_bad_images": "skip undecodable images (counted each epoch) instead of stopping",
         "synthetic_size": "images in the 'synthetic' dataset (tests, benchmarks)",
+        "labeled_fraction": "digits/CIFAR/synthetic: keep the labels of this fraction of the "
+                            "training images (stratified, drawn by --seed); the rest become "
+                            "unlabelled (-1): distillers learn from them through the teacher, "
+                            "ce and gendd-pretrain drop them",
+        "val_from_train": "digits/CIFAR/synthetic: carve this stratified fraction of the "
+                          "training images (fixed seed) and evaluate on it instead of the test "
+                          "split (for choosing settings); 0 uses the test split",
         "workers": "data loading worker processes per GPU",
         "randaug": "RandAugment on the batch (on the GPU), timm-style policy rand-mM-nN[-mstdS], "
                    "e.g. rand-m7-n2-mstd0.5; none disables",
@@ -482,6 +491,13 @@ def validate(cfg: Config):
     if not cfg.labels and cfg.method in ("ce", "dkd", "gendd-pretrain"):
         raise ValueError(f"method {cfg.method!r} needs labels; unsupervised runs use --method "
                          f"gendd or kd (the KL baseline) with --labels false")
+    if not 0.0 < cfg.labeled_fraction <= 1.0:
+        raise ValueError(f"labeled-fraction must lie in (0, 1], got {cfg.labeled_fraction}")
+    if not 0.0 <= cfg.val_from_train < 1.0:
+        raise ValueError(f"val-from-train must lie in [0, 1), got {cfg.val_from_train}")
+    if cfg.labeled_fraction < 1.0 and (cfg.mixup or cfg.cutmix or cfg.label_smoothing):
+        raise ValueError("--labeled-fraction below 1 marks images unlabelled (-1), which Mixup, "
+                         "CutMix and label smoothing cannot mix into soft labels; turn those off")
     for name in ("mixup", "cutmix"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"{name} must be >= 0 (0 disables), got {getattr(cfg, name)}")

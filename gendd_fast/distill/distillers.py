@@ -52,6 +52,28 @@ def soft_labels(labels, num_classes: int):
     return F.one_hot(labels, num_classes).float()
 
 
+def labelled_rows(labels):
+    """Per-sample mask of the rows that carry a label: soft labels always do; hard labels are -1
+    where unlabelled (``--labeled-fraction``, unlabelled shards). None when every row has one."""
+    if labels is None:
+        return None
+    if labels.is_floating_point():
+        return None
+    mask = labels >= 0
+    return None if bool(mask.all()) else mask
+
+
+def labelled_ce(logits, labels):
+    """CE averaged over the labelled rows only (0 when the batch has none): with a labelled
+    fraction, the supervised term keeps its weight per labelled image however few a batch has."""
+    mask = labelled_rows(labels)
+    if mask is None:
+        return cross_entropy(logits, labels)
+    if not bool(mask.any()):
+        return logits.sum() * 0.0
+    return cross_entropy(logits[mask], labels[mask])
+
+
 def cross_entropy(logits, labels):
     """CE with hard (B,) or soft (B, K) labels."""
     if labels.is_floating_point():
@@ -98,7 +120,7 @@ class KD(Distiller):
         kd = kd_loss(logits, teacher_out[1], self.T)
         if not self.use_labels:
             return kd, {"kd": kd.detach()}
-        ce = cross_entropy(logits, labels)
+        ce = labelled_ce(logits, labels)
         loss = self.alpha * ce + (1 - self.alpha) * kd
         return loss, {"ce": ce.detach(), "kd": kd.detach()}
 
@@ -114,11 +136,15 @@ class DKD(Distiller):
 
     def forward(self, images, labels, teacher_out, progress: float = 0.0):
         logits = self.student(images)
-        ce = cross_entropy(logits, labels)
+        ce = labelled_ce(logits, labels)
         ramp = min(progress / self.warmup, 1.0) if self.warmup > 0 else 1.0
-        # DKD splits on one target class: with soft (mixed) labels, their largest entry.
-        dkd = dkd_loss(logits, teacher_out[1], hard_labels(labels), self.alpha, self.beta,
-                       self.T)
+        # DKD splits on one target class: with soft (mixed) labels, their largest entry; on an
+        # unlabelled image, the teacher's top class (it learns from the teacher's logits there).
+        target = hard_labels(labels)
+        mask = labelled_rows(labels)
+        if mask is not None:
+            target = torch.where(mask, target, teacher_out[1].argmax(1))
+        dkd = dkd_loss(logits, teacher_out[1], target, self.alpha, self.beta, self.T)
         return self.ce_weight * ce + ramp * dkd, {"ce": ce.detach(), "dkd": dkd.detach()}
 
 
@@ -251,15 +277,20 @@ class GenDD(Distiller):
 
     def contract(self, t_feat, labels):
         """target = (1 - s) f_t + s W_t[y]  (soft labels: y @ W_t)."""
-        if self.smooth <= 0 or not self.use_labels or not _has_labels(labels):
+        if self.smooth <= 0 or not self.use_labels or labels is None:
+            return t_feat
+        mask = labelled_rows(labels)
+        if mask is not None and not bool(mask.any()):
             return t_feat
         w = self.teacher_fc.weight.float()
         if labels.is_floating_point():  # soft (mixed) labels: y @ W_t, in fp32 under autocast
             with _fp32(w):
                 anchor = labels.float() @ w
         else:
-            anchor = w[labels]
-        return (1 - self.smooth) * t_feat + self.smooth * anchor
+            anchor = w[labels.clamp_min(0)]
+        contracted = (1 - self.smooth) * t_feat + self.smooth * anchor
+        # unlabelled rows: the teacher's feature itself, no contraction
+        return contracted if mask is None else torch.where(mask[:, None], contracted, t_feat)
 
     def mix(self, z, target):
         """Beta(beta, beta) mixing of conditions and targets with a random partner."""
@@ -279,8 +310,8 @@ class GenDD(Distiller):
         diff = self.diffloss.distill_loss(target, z, self.mul, self.cond_drop)
         parts = {"diff": diff.detach()}
         loss = diff
-        if self.use_labels and _has_labels(labels):
-            ce = cross_entropy(logits, labels)
+        if self.use_labels and labels is not None:
+            ce = labelled_ce(logits, labels)
             loss = loss + ce
             parts["ce"] = ce.detach()
         return loss, parts
