@@ -50,13 +50,13 @@ SEEDS = (0, 1, 2)
 IMAGE_SIZE = 16          # the digits are 8x8: 16 px keeps every pixel at a quarter of 32 px's cost
 LABELED_FRACTION = 0.1
 VAL_FRACTION = 0.2       # --split val: the part of the training images evaluated on
-TEACHER_EPOCHS, TEACHER_LR = 12, 2e-3
+TEACHER_EPOCHS, TEACHER_LR = 10, 2e-3
 # Epochs per student (chosen on the validation split, README "Quick start"). Scratch and GenDD's
 # stage 1 train on the labelled tenth only (2 steps per epoch), hence their larger epoch counts.
-EPOCHS = {"scratch": 60, "kd": 10, "dkd": 10, "gendd-stage1": 20, "gendd": 10,
-          "kd-free": 10, "gendd-free": 10}
-STUDENT_LR = 1e-2
-GENDD_LR = 2e-3          # at 1e-2 GenDD's sampling accuracy collapsed (benchmarks/demo_sweep.py)
+EPOCHS = {"scratch": 60, "kd": 8, "dkd": 8, "gendd-stage1": 20, "gendd": 15,
+          "kd-free": 8, "gendd-free": 15}
+STUDENT_LR = 1e-2        # scratch, KD, DKD, and GenDD's stage 1 (+3.6 sampling top-1 on val)
+GENDD_LR = 2e-3          # GenDD's stage 2: at 1e-2 its sampling accuracy collapsed (old sweep)
 # GenDD head for this task: width 256 (128 lost accuracy in the sweep), mul 4 (cheaper steps).
 GENDD_HEAD = dict(token_dim=64, diffloss_w=256, diffloss_d=3, mul=4, cond_drop=0.2, beta=1.0,
                   smooth=0.9, cfg=2.0, head="auto")
@@ -71,8 +71,10 @@ ROWS = (("teacher", "all labels", "teacher ({teacher}, CE)"),
         ("gendd-free", "label-free", "GenDD (sampling, --labels false)"))
 BASELINE = {"kd": "scratch", "dkd": "scratch", "gendd": "scratch", "gendd-free": "kd-free"}
 SAMPLED = ("gendd", "gendd-free")
-# Relative CPU cost of one step of each method (measured, README), for the ETA only.
+# Relative CPU cost of one step of each method (measured at 16 px: benchmarks/results/
+# demo_step_profile.json), for the ETA only; a step of the teacher's own training ~4.5 CE steps.
 STEP_COST = {"ce": 1.0, "kd": 2.8, "dkd": 2.8, "gendd-pretrain": 2.5, "gendd": 5.0}
+TEACHER_STEP_COST = 4.5
 
 
 # -- configurations ----------------------------------------------------------------------------
@@ -117,7 +119,7 @@ def student_stages(output: str, seed: int, teacher: str = TEACHER, student: str 
         stage("scratch", STUDENT_LR, method="ce", **scarce),
         stage("kd", STUDENT_LR, method="kd", **scarce, **tch),
         stage("dkd", STUDENT_LR, method="dkd", dkd_warmup=1, **scarce, **tch),
-        stage("gendd-stage1", GENDD_LR, method="gendd-pretrain", **scarce, **tch),
+        stage("gendd-stage1", STUDENT_LR, method="gendd-pretrain", **scarce, **tch),
         stage("gendd", GENDD_LR, method="gendd", **scarce, **tch, **head,
               init=os.path.join(base, "gendd-stage1", "last.pt")),
         stage("kd-free", STUDENT_LR, method="kd", labels=False, **tch),
@@ -331,15 +333,57 @@ def trained_teacher_metrics(teacher_dir: str) -> Dict:
     return {k: val.get(k) for k in ("top1", "top5")}
 
 
-class StageRunner:
-    """Runs the stages one by one: each stage's own output goes to ``<output>/stage.log``; the
-    terminal gets "stage k of N" and an estimate of the time left, from the measured seconds per
-    unit of estimated cost (steps x relative step cost) of the stages done so far."""
+def run_logged(fields: Dict, train_fn) -> Dict:
+    """One stage: its command line and all its own output go to ``<output>/stage.log``; the
+    result carries the stage's CPU seconds as ``cpu_s``."""
+    os.makedirs(fields["output"], exist_ok=True)
+    values = {k: v for k, v in fields.items() if k != "name"}
+    # overwrite: rerunning the demo replaces its own earlier runs (a fresh run into a folder
+    # holding a checkpoint is refused otherwise)
+    cfg = make_config(**{**values, "overwrite": True})
+    c = time.process_time()
+    with open(os.path.join(fields["output"], "stage.log"), "w") as fh, \
+            contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+        print(command_line(fields), flush=True)
+        res = dict(train_fn(cfg))
+    res["cpu_s"] = round(time.process_time() - c, 1)
+    return res
+
+
+def run_task(task, train_fn=None, one_thread: bool = True):
+    """A unit of work for one worker: ("stages", [fields, ...]) run in order (GenDD's stage 1
+    then stage 2), or ("sweep", (checkpoint, sweep, log)). One torch thread per worker: each
+    stage then computes the same numbers whatever the machine's core count."""
+    if one_thread:
+        import torch
+        torch.set_num_threads(1)
+    kind, payload = task
+    if kind == "sweep":
+        from .report import evaluate_checkpoints
+        ckpt, sweep, log = payload
+        with open(log, "w") as fh, contextlib.redirect_stdout(fh), \
+                contextlib.redirect_stderr(fh):
+            return evaluate_checkpoints([ckpt], {}, "auto", seed=0, sample=True,
+                                        sweep=sweep)[0]
+    if train_fn is None:
+        from .train import train as train_fn
+    out = []
+    for fields in payload:
+        res = run_logged(fields, train_fn)
+        out.append(res)
+        if res.get("stopped_by_signal") is not None:
+            break  # train() turned a SIGTERM into a clean return: do not start the next stage
+    return out
+
+
+class Progress:
+    """The terminal's view: "stage k of N" as each finishes, with an estimate of the time left
+    from the seconds per unit of estimated cost (steps x relative step cost) so far."""
 
     def __init__(self, stages: List[Dict], out=None):
-        self.stages, self.out = stages, out or sys.stdout
-        self.cost = [self.estimate(s) for s in stages]
-        self.done_cost, self.t0 = 0.0, time.time()
+        self.n, self.out = len(stages), out or sys.stdout
+        self.total = sum(self.estimate(s) for s in stages)
+        self.k, self.done_cost, self.t0 = 0, 0.0, time.time()
 
     @staticmethod
     def estimate(fields: Dict) -> float:
@@ -347,48 +391,51 @@ class StageRunner:
         if fields["method"] in ("ce", "gendd-pretrain") and fields.get("labeled_fraction", 1) < 1:
             images *= fields["labeled_fraction"]
         steps = max(1, int(images) // fields["batch_size"]) * fields["epochs"]
+        if fields.get("student") == TEACHER:
+            return steps * TEACHER_STEP_COST
         return steps * STEP_COST.get(fields["method"], 3.0)
 
-    def run(self, k: int, fields: Dict, train_fn) -> Dict:
-        n = len(self.stages)
-        elapsed = time.time() - self.t0
-        eta = ""
-        if self.done_cost > 0:
-            left = elapsed / self.done_cost * sum(self.cost[k:])
-            eta = f", about {left / 60:.1f} min left"
-        print(f"stage {k + 1} of {n}: {fields['name']} ({fields['output']}){eta}",
+    def done(self, fields: Dict, cpu_s: float):
+        self.k += 1
+        self.done_cost += self.estimate(fields)
+        left = (time.time() - self.t0) / self.done_cost * (self.total - self.done_cost)
+        where = os.path.relpath(fields["output"]) if not os.path.isabs(fields["output"]) \
+            else fields["output"]
+        print(f"stage {self.k} of {self.n} done: {where} ({cpu_s:.0f} CPU-s)"
+              + (f", about {left / 60:.1f} min left" if self.k < self.n else ""),
               file=self.out, flush=True)
-        os.makedirs(fields["output"], exist_ok=True)
-        log = os.path.join(fields["output"], "stage.log")
-        values = {k2: v for k2, v in fields.items() if k2 != "name"}
-        # overwrite: rerunning the demo replaces its own earlier runs (a fresh run into a folder
-        # holding a checkpoint is refused otherwise)
-        cfg = make_config(**{**values, "overwrite": True})
-        with open(log, "w") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
-            print(command_line(fields), flush=True)
-            res = train_fn(cfg)
-        self.done_cost += self.cost[k]
-        if res.get("stopped_by_signal") is not None:
-            # train() turns a SIGTERM into a clean return; the demo must not go on to the next
-            raise SystemExit(f"demo stopped by signal {res['stopped_by_signal']} during "
-                             f"{fields['name']} (its checkpoint is in {fields['output']})")
-        return res
 
 
-def steps_sweep(checkpoints: Sequence[str], sweep: Dict) -> List[Dict]:
-    """Sampling top-1 and ms per image of each sampler setting, mean +- std over the
-    checkpoints, with their linear probe (which does not depend on the sampler)."""
-    from .report import evaluate_checkpoints
-    runs = evaluate_checkpoints(list(checkpoints), {}, "auto", seed=0, sample=True, sweep=sweep)
-    probe = mean_std([r["top1"] for r in runs])
-    out = []
-    for i, s in enumerate(runs[0]["sweep"]):
-        per = [r["sweep"][i] for r in runs]
-        out.append(dict(sampler=s["sampler"], steps=s["steps"],
-                        top1=mean_std([p["sample_top1"] for p in per]),
-                        ms=mean_std([1000.0 * p["seconds"] / p["n"] for p in per]),
-                        probe=probe, per_seed=[p["sample_top1"] for p in per]))
-    return out
+def _run_all(tasks, workers: int, progress: Progress, train_fn=None):
+    """Run ``tasks`` on ``workers`` processes (0: in this process, one after another) and
+    return their results in order, reporting each stage as it finishes."""
+    results = [None] * len(tasks)
+
+    def finished(i, res):
+        results[i] = res
+        if tasks[i][0] == "stages":
+            for fields, r in zip(tasks[i][1], res):
+                progress.done(fields, r["cpu_s"])
+                if r.get("stopped_by_signal") is not None:
+                    raise SystemExit(f"demo stopped by signal {r['stopped_by_signal']} during "
+                                     f"{fields['name']} (its checkpoint is in "
+                                     f"{fields['output']})")
+    if workers <= 0:
+        for i, t in enumerate(tasks):
+            finished(i, run_task(t, train_fn, one_thread=False))
+        return results
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    with cf.ProcessPoolExecutor(max_workers=min(workers, len(tasks)),
+                                mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(run_task, t): i for i, t in enumerate(tasks)}
+        for f in cf.as_completed(futures):
+            finished(futures[f], f.result())
+    return results
+
+
+def default_workers() -> int:
+    return max(1, min(os.cpu_count() or 1, 8))
 
 
 def run_demo(output: str = os.path.join("runs", "digits-demo"), seeds: Sequence[int] = SEEDS,
@@ -396,75 +443,105 @@ def run_demo(output: str = os.path.join("runs", "digits-demo"), seeds: Sequence[
              epochs_scale: float = 1.0, sampling_steps: str = "64", teacher: str = TEACHER,
              student: str = STUDENT, image_size: int = IMAGE_SIZE, split: str = "test",
              sweep: Optional[Dict] = None, quiet: bool = False,
-             reuse_teacher: Optional[str] = None) -> Dict:
+             reuse_teacher: Optional[str] = None, workers: Optional[int] = None) -> Dict:
     """Train the teacher once, then every student for each seed; print and save the table, the
-    steps table and the figure. The small sizes exist for the tests; the defaults are the
-    advertised demo. ``reuse_teacher``: the output folder of an earlier demo's teacher, used
-    instead of training one. ``split="val"`` evaluates on a part of the training images."""
+    steps table and the figure. Stages run on ``workers`` processes (default: one per core, at
+    most 8), one torch thread each, so the numbers do not depend on the core count; ``workers=0``
+    runs them in this process with its own threads. The small sizes exist for the tests; the
+    defaults are the advertised demo. ``reuse_teacher``: the output folder of an earlier demo's
+    teacher, used instead of training one. ``split="val"`` evaluates on training images."""
     if not seeds:
         raise ValueError("run_demo needs at least one seed")
     if split not in ("test", "val"):
         raise ValueError(f"split must be 'test' or 'val', got {split!r}")
-    from .train import train  # the trainer sits above the demo: imported only when run
+    workers = default_workers() if workers is None else workers
+    # a reused teacher must exist before anything is trained against it
+    teacher_res = trained_teacher_metrics(reuse_teacher) if reuse_teacher else None
+    train_fn = None
+    if workers <= 0:
+        from .train import train as train_fn  # the trainer sits above the demo
     ep = scaled({**EPOCHS, **(epochs or {})}, epochs_scale)
     sweep = SWEEP if sweep is None else sweep
     t0, c0 = time.time(), time.process_time()
     teacher_ckpt = os.path.join(reuse_teacher or os.path.join(output, "teacher"), "last.pt")
-    stages = [] if reuse_teacher else [teacher_stage(output, teacher, teacher_epochs,
-                                                     image_size, split)]
-    for seed in seeds:
-        stages += [dict(s, seed_of=seed) for s in student_stages(
-            output, seed, teacher, student, ep, sampling_steps, image_size=image_size,
-            teacher_checkpoint=teacher_ckpt, split=split)]
-    runner = StageRunner([{k: v for k, v in s.items() if k != "seed_of"} for s in stages],
-                         out=open(os.devnull, "w") if quiet else sys.stdout)
-    if reuse_teacher:
-        teacher_res = trained_teacher_metrics(reuse_teacher)
+    per_seed_stages = {seed: student_stages(output, seed, teacher, student, ep, sampling_steps,
+                                            image_size=image_size,
+                                            teacher_checkpoint=teacher_ckpt, split=split)
+                       for seed in seeds}
+    first, rest = [], []  # the teacher and what does not need it; then the rest, longest first
+    if not reuse_teacher:
+        first.append(("stages", [teacher_stage(output, teacher, teacher_epochs, image_size,
+                                               split)]))
+    for seed, stages in per_seed_stages.items():
+        by = {s["name"]: s for s in stages}
+        first.append(("stages", [by["scratch"]]))
+        rest += [("stages", [by["gendd-stage1"], by["gendd"]]), ("stages", [by["gendd-free"]]),
+                 ("stages", [by["kd"]]), ("stages", [by["dkd"]]), ("stages", [by["kd-free"]])]
+    rest.sort(key=lambda t: -sum(Progress.estimate(f) for f in t[1]))
+    all_stages = [f for t in first + rest for f in t[1]]
+    progress = Progress(all_stages, out=open(os.devnull, "w") if quiet else sys.stdout)
+    if not quiet:
+        print(f"GenDD digits demo: {len(all_stages)} stages on {max(workers, 1)} worker "
+              f"process(es); each stage's output is in its folder's stage.log", flush=True)
+    done = _run_all(first, workers, progress, train_fn) + \
+        _run_all(rest, workers, progress, train_fn)
+    teacher_res = teacher_res or done[0][0]
     per_seed: Dict[str, List[Dict]] = {}
-    seconds: Dict[str, float] = {}
-    for k, st in enumerate(runner.stages):
-        c = time.process_time()
-        res = runner.run(k, st, train)
-        seconds[st["output"]] = round(time.process_time() - c, 1)
-        if st["name"] == "teacher":
-            teacher_res = res
-        elif st["name"] != "gendd-stage1":
-            per_seed.setdefault(st["name"], []).append(
-                {k2: metric(res, k2) for k2 in ("top1", "top5", "sample_top1", "sample_top5")})
-    gendd_ckpts = [os.path.join(s["output"], "last.pt") for s in runner.stages
-                   if s["name"] == "gendd"]
+    cpu_by_stage: Dict[str, float] = {}
+    by_output = {f["output"]: r for t, res in zip(first + rest, done) for f, r in zip(t[1], res)}
+    for seed in seeds:  # in seed order, whatever order the workers finished in
+        for st in per_seed_stages[seed]:
+            res = by_output[st["output"]]
+            if st["name"] != "gendd-stage1":
+                per_seed.setdefault(st["name"], []).append(
+                    {k: metric(res, k) for k in ("top1", "top5", "sample_top1", "sample_top5")})
+    for out_dir, res in by_output.items():
+        cpu_by_stage[out_dir] = res["cpu_s"]
     sweep_rows = []
     if sweep.get("ddpm") or sweep.get("ddim"):
+        ckpts = [os.path.join(per_seed_stages[s][4]["output"], "last.pt") for s in seeds]
         if not quiet:
-            print(f"sampling-steps sweep on the {len(gendd_ckpts)} label-scarce GenDD student(s)",
+            print(f"sampling-steps sweep on the {len(ckpts)} label-scarce GenDD students",
                   flush=True)
-        with open(os.path.join(output, "steps_sweep.log"), "w") as fh, \
-                contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
-            sweep_rows = steps_sweep(gendd_ckpts, sweep)
+        tasks = [("sweep", (c, sweep, os.path.join(os.path.dirname(c), "steps_sweep.log")))
+                 for c in ckpts]
+        runs = _run_all(tasks, workers, progress, train_fn)
+        probe = mean_std([r["top1"] for r in runs])
+        for i, s in enumerate(runs[0]["sweep"]):
+            per = [r["sweep"][i] for r in runs]
+            sweep_rows.append(dict(sampler=s["sampler"], steps=s["steps"],
+                                   top1=mean_std([p["sample_top1"] for p in per]),
+                                   ms=mean_std([1000.0 * p["seconds"] / p["n"] for p in per]),
+                                   probe=probe, per_seed=[p["sample_top1"] for p in per]))
     rows = summarize(per_seed, teacher_res)
     table = format_table(rows, teacher, student)
     steps_table = format_sweep(sweep_rows) if sweep_rows else ""
-    wall, cpu = round(time.time() - t0, 1), round(time.process_time() - c0, 1)
+    wall = round(time.time() - t0, 1)
     split_name = "test" if split == "test" else "validation (carved from the training images)"
     title = (f"digits {image_size}px, {student} students ({int(LABELED_FRACTION * 100)}% labels "
-             f"or none), {teacher} teacher; {split_name} top-1, {len(seeds)} seeds")
+             f"or none), {teacher} teacher; {split_name} top-1, {len(seeds)} seed(s)")
     figure = plot_comparison(rows, os.path.join(output, "comparison.png"), title, teacher, student)
+    env = dict(environment(), workers=workers,
+               threads_per_stage=1 if workers > 0 else environment()["torch_threads"])
     summary = {"rows": [{**r, "label": row_label(r["key"], teacher, student)} for r in rows],
                "per_seed": per_seed, "seeds": list(seeds), "split": split,
                "teacher": {k: metric(teacher_res, k) for k in ("top1", "top5")},
-               "steps_sweep": sweep_rows, "seconds": wall, "cpu_seconds": cpu,
-               "stage_cpu_seconds": seconds, "epochs": ep, "teacher_epochs": teacher_epochs,
+               "steps_sweep": sweep_rows, "seconds": wall,
+               "cpu_seconds_stages": round(sum(cpu_by_stage.values()), 1),
+               "cpu_seconds_main": round(time.process_time() - c0, 1),
+               "stage_cpu_seconds": cpu_by_stage, "epochs": ep, "teacher_epochs": teacher_epochs,
                "image_size": image_size, "labeled_fraction": LABELED_FRACTION,
                "gendd_head": GENDD_HEAD, "sampling_steps": sampling_steps,
-               "environment": environment(), "reused_teacher": reuse_teacher, "figure": figure,
-               "stages": [command_line(s) for s in runner.stages]}
+               "environment": env, "reused_teacher": reuse_teacher, "figure": figure,
+               "stages": [command_line(s) for s in all_stages]}
     os.makedirs(output, exist_ok=True)
     with open(os.path.join(output, "results.json"), "w") as fh:
         json.dump(summary, fh, indent=2)
     with open(os.path.join(output, "results.md"), "w") as fh:
         fh.write(table + "\n" + (f"\n{steps_table}\n" if steps_table else ""))
     print(f"\nDistillation on the embedded digits data: {title} ({wall:.0f}s wall, "
-          f"{summary['environment']['torch_threads']} threads)")
+          f"{summary['cpu_seconds_stages']:.0f} CPU-s in the stages, {max(workers, 1)} "
+          f"worker(s), {env['threads_per_stage']} thread(s) each)")
     print(table)
     print("Label-scarce: students see labels for 10% of the training images (KD, DKD, GenDD also "
           "learn from the rest through the teacher). Label-free: no labels at all. GenDD is "
@@ -472,7 +549,8 @@ def run_demo(output: str = os.path.join("runs", "digits-demo"), seeds: Sequence[
           "others by their own classifier. 'beats': the mean is above the baseline's by more "
           "than the larger std.")
     if steps_table:
-        print("\nLabel-scarce GenDD: sampling top-1 against sampling steps (CFG 2, one draw)")
+        print(f"\nLabel-scarce GenDD: sampling top-1 against sampling steps (CFG 2, one draw, "
+              f"mean +- std over {len(seeds)} seed(s); ms per image on one thread)")
         print(steps_table)
     if figure:
         print(f"Figure: {figure}")
@@ -491,10 +569,14 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     p.add_argument("--reuse-teacher", default=None, help="an earlier demo's teacher folder")
     p.add_argument("--no-sweep", action="store_true", help="skip the sampling-steps sweep")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes, one thread each (default: one per core, at most 8; "
+                        "0: run the stages in this process)")
     a = p.parse_args(argv)
     out = a.output or os.path.join("runs", "digits-demo" + ("-val" if a.split == "val" else ""))
     return run_demo(output=out, seeds=a.seeds, epochs_scale=a.epochs_scale, split=a.split,
-                    reuse_teacher=a.reuse_teacher, sweep={} if a.no_sweep else None)
+                    reuse_teacher=a.reuse_teacher, sweep={} if a.no_sweep else None,
+                    workers=a.workers)
 
 
 if __name__ == "__main__":
