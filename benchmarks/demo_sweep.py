@@ -106,8 +106,11 @@ def run_profile(out_json: str, output: str):
             timed(t)  # a one-epoch teacher: its speed, not its accuracy, matters here
         stages = {s["name"]: s for s in demo.student_stages(folder, 0, image_size=size,
                                                             gendd=head)}
-        for key in ("scratch", "kd", "gendd") if "mul 4" in name or "old" in name else ("gendd",):
-            row = dict(setting=name, stage=key, **profile_step(stages[key]))
+        keys = ("scratch", "kd", "gendd") if name.startswith(("old", "now")) else ("gendd",)
+        for key in keys:
+            # a folder of its own per setting: a Trainer that is only set up keeps its run lock
+            where = os.path.join(output, "profile-steps", f"{len(record['runs'])}-{key}")
+            row = dict(setting=name, stage=key, **profile_step({**stages[key], "output": where}))
             record["runs"].append(row)
             print(json.dumps(row), flush=True)
     with open(out_json, "w") as fh:
