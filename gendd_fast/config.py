@@ -133,6 +133,16 @@ class Config:
     synthetic_size: int = option(
         256, DATA, range=at_least(1),
         help="images in the 'synthetic' dataset (tests, benchmarks)")
+    labeled_fraction: float = option(
+        1.0, DATA, range=Range(0, 1, lo_open=True),
+        help="digits/CIFAR/synthetic: keep the labels of this fraction of the training images "
+             "(stratified, drawn by --seed); the rest become unlabelled (-1): distillers learn "
+             "from them through the teacher, ce and gendd-pretrain drop them")
+    val_from_train: float = option(
+        0.0, DATA, range=Range(0, 1, hi_open=True),
+        help="digits/CIFAR/synthetic: carve this stratified fraction of the training images "
+             "(fixed seed) and evaluate on it instead of the test split (for choosing "
+             "settings); 0 uses the test split")
     # --- optimisation --------------------------------------------------------------------------
     epochs: int = option(240, OPTIM, range=at_least(1), help="training epochs")
     batch_size: int = option(
@@ -566,6 +576,9 @@ def validate(cfg: Config):
                              f"--teacher-checkpoint PATH)")
     if len(cfg.crop_scale) != 2 or not 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1:
         raise ValueError(f"crop-scale must be two numbers 0 < lo <= hi <= 1, got {cfg.crop_scale}")
+    if cfg.labeled_fraction < 1.0 and (cfg.mixup or cfg.cutmix or cfg.label_smoothing):
+        raise ValueError("--labeled-fraction below 1 marks images unlabelled (-1), which Mixup, "
+                         "CutMix and label smoothing cannot mix into soft labels; turn those off")
     if not cfg.labels and method(cfg.method).needs_labels:
         free = [m for m in method_names() if not method(m).needs_labels]
         raise ValueError(f"method {cfg.method!r} needs labels; unsupervised runs use --method "

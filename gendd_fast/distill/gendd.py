@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .base import Distiller, _fp32, _has_labels, cross_entropy, frozen_copy, register
+from .base import (Distiller, _fp32, cross_entropy, frozen_copy, labelled_ce, labelled_rows,
+                   register)
 
 
 @register("gendd-pretrain")
@@ -82,15 +83,20 @@ class GenDD(Distiller):
 
     def contract(self, t_feat, labels):
         """target = (1 - s) f_t + s W_t[y]  (soft labels: y @ W_t)."""
-        if self.smooth <= 0 or not self.use_labels or not _has_labels(labels):
+        if self.smooth <= 0 or not self.use_labels or labels is None:
+            return t_feat
+        mask = labelled_rows(labels)
+        if mask is not None and not bool(mask.any()):
             return t_feat
         w = self.teacher_fc.weight.float()
         if labels.is_floating_point():  # soft (mixed) labels: y @ W_t, in fp32 under autocast
             with _fp32(w):
                 anchor = labels.float() @ w
         else:
-            anchor = w[labels]
-        return (1 - self.smooth) * t_feat + self.smooth * anchor
+            anchor = w[labels.clamp_min(0)]
+        contracted = (1 - self.smooth) * t_feat + self.smooth * anchor
+        # unlabelled rows: the teacher's feature itself, no contraction
+        return contracted if mask is None else torch.where(mask[:, None], contracted, t_feat)
 
     def mix(self, z, target):
         """Beta(beta, beta) mixing of conditions and targets with a random partner."""
@@ -110,8 +116,8 @@ class GenDD(Distiller):
         diff = self.diffloss.distill_loss(target, z, self.mul, self.cond_drop)
         parts = {"diff": diff.detach()}
         loss = diff
-        if self.use_labels and _has_labels(labels):
-            ce = cross_entropy(logits, labels)
+        if self.use_labels and labels is not None:
+            ce = labelled_ce(logits, labels)
             loss = loss + ce
             parts["ce"] = ce.detach()
         return loss, parts
