@@ -24,7 +24,7 @@ import torch.nn as nn
 from . import checkpoint as ckpt_io
 from .build import build_method, configure_sampler, sampling_kwargs
 from .config import Config, config_diff
-from .data import build_loaders
+from .data import build_loaders, describe_pipeline
 from .distributed import (all_gather_object, all_reduce_max, any_rank, broadcast_object,
                           init_distributed, shutdown)
 from .evaluate import evaluate, format_results, training_class_counts
@@ -198,6 +198,7 @@ class Trainer:
                      f"{self.device}, amp {self.amp}, data {self.loaders.backend}"
                    + (f", head {type(self.distiller.diffloss).__name__}"
                       if hasattr(self.distiller, "diffloss") else ""))
+            notice(f"images {describe_pipeline(cfg)}")
 
     def _install_signal_handler(self):
         """A SIGTERM (pre-emption) saves 'last' at the next step boundary, then exits cleanly."""

@@ -374,3 +374,28 @@ class WebDatasetShards(torch.utils.data.Dataset):
         state = dict(self.__dict__)
         state["_handles"] = {}
         return state
+
+
+# -- which dataset kind a folder holds (for --data-path given without --dataset) ----------------
+def infer_dataset(path: str) -> Tuple[Optional[str], str]:
+    """(dataset kind, why) from a folder's layout, or (None, what was found). Only layouts that
+    cannot be mistaken are recognised: CIFAR's python pickles, ``train/`` and ``val/`` class
+    folders, ``.tar`` shards. Anything else is left to the user (a wrong guess trains the wrong
+    thing silently)."""
+    if not path or not os.path.exists(path):
+        return None, f"{path!r} does not exist"
+    if os.path.isfile(path):
+        return ("webdataset", "a .tar shard") if path.endswith(".tar") else \
+            (None, "a single file that is not a .tar shard")
+    for sub, kind, marker in (("cifar-100-python", "cifar100", "train"),
+                              ("cifar-10-batches-py", "cifar10", "data_batch_1"),
+                              ("", "cifar100", "train"), ("", "cifar10", "data_batch_1")):
+        root = os.path.join(path, sub) if sub else path
+        if os.path.isfile(os.path.join(root, marker)) and \
+                os.path.isfile(os.path.join(root, "test" if kind == "cifar100" else "test_batch")):
+            return kind, f"CIFAR python pickles ({os.path.join(sub, marker) if sub else marker})"
+    if all(os.path.isdir(os.path.join(path, s)) for s in ("train", "val")):
+        return "imagefolder", "train/ and val/ class folders"
+    if any(f.endswith(".tar") for f in os.listdir(path)):
+        return "webdataset", ".tar shards"
+    return None, "no train/ and val/ folders, CIFAR pickles or .tar shards"
