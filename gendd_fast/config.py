@@ -208,8 +208,10 @@ FLAG_GROUPS = [
         "teacher": "teacher architecture (see --list-models)",
         "teacher_checkpoint": "teacher weights: a checkpoint of this trainer or a "
                               "{'model': state_dict} file",
-        "teacher_pretrained": "with --teacher timm:NAME: load timm's pretrained weights (timm's "
-                              "download and cache; with --teacher-checkpoint FILE, from that file)",
+        "teacher_pretrained": "with --teacher timm:NAME: timm's pretrained weights and input "
+                              "normalisation (timm's download and cache); with "
+                              "--teacher-checkpoint FILE, the weights and class count of that "
+                              "file",
         "teacher_weights": "with --teacher torchvision:NAME: a weights name (DEFAULT, "
                            "IMAGENET1K_V2, ...) or a local state-dict file",
         "init": "start the student from these weights (stage 2 from stage 1); non-strict",

@@ -4,9 +4,14 @@
 ``forward_features`` (the pooled pre-logit feature: for ViT/BEiT timm's
 ``forward_head(..., pre_logits=True)``, whose width sets GenDD's token count), ``num_features`` and
 the linear classifier as ``fc``. Pretrained weights come through the libraries' own loading and
-caching (``timm.create_model(pretrained=True)``, torchvision's weights enums); a local file goes
-through the same calls (timm's ``pretrained_cfg_overlay=dict(file=...)``; for torchvision the
-architecture's own ``load_state_dict``), which is how the tests stay offline.
+caching (``timm.create_model(pretrained=True)``, torchvision's weights enums). A local file is
+read as tensors only and loaded strictly into the architecture built with the file's own class
+count (``--teacher-pretrained`` then adds the architecture's pretrained input normalisation);
+that is how the tests stay offline, and nothing is downloaded when a file is given.
+
+Where the installed torchvision cannot load its compiled ops (a wheel built for another torch,
+as on this project's CPU machines), it is imported without their Python registrations: see
+:class:`_SkipOpRegistrations`. timm imports torchvision, so both then work on CPU.
 
 A pretrained teacher expects its own input normalisation (BEiT: mean = std = 0.5): the adapter
 maps the trainer's normalised images to it with one affine op, so the student and the teacher
@@ -14,12 +19,19 @@ each see the input they were trained on.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import os
+import sys
+import types
 from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
+from ..notice import notice
 from .base import Backbone
 
 SOURCES = ("timm", "torchvision")
@@ -33,15 +45,58 @@ def split_name(name: str) -> Tuple[str, str]:
     return source, arch
 
 
+class _SkipOpRegistrations(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports torchvision's two modules that register Python kernels for its compiled ops
+    (``nms``, ``roi_align``, ...) as empty modules, but only when those ops failed to load.
+
+    Why: a torchvision wheel built for another torch (here a CUDA build next to the CPU torch)
+    cannot load ``torchvision/_C.so``; its import then dies in ``_meta_registrations`` with
+    "operator torchvision::nms does not exist", and timm, which imports torchvision, dies with
+    it. The classification models and transforms timm and the teachers use need none of those
+    ops. Where ``_C.so`` loads (a matching torch, GPU machines) this finder returns None and
+    torchvision imports exactly as usual. It is on ``sys.meta_path`` only for the duration of
+    :func:`import_source`."""
+    SKIPPED = ("torchvision._meta_registrations", "torchvision._autograd_registrations")
+
+    def __init__(self):
+        self.used = False
+
+    def find_spec(self, fullname, path, target=None):
+        ext = sys.modules.get("torchvision.extension")
+        if fullname not in self.SKIPPED or ext is None or ext._has_ops():
+            return None
+        self.used = True
+        return importlib.machinery.ModuleSpec(fullname, self)
+
+    def create_module(self, spec):
+        return types.ModuleType(spec.name)
+
+    def exec_module(self, module):
+        module.__doc__ = "skipped by gendd_fast: torchvision's compiled ops are not loaded"
+
+
+def _import_with_skip(modules: Sequence[str]):
+    finder = _SkipOpRegistrations()
+    sys.meta_path.insert(0, finder)
+    try:
+        out = [importlib.import_module(m) for m in modules]
+    finally:
+        sys.meta_path.remove(finder)
+    if finder.used:
+        notice("torchvision's compiled ops do not load with this torch (a wheel built for "
+               "another torch); imported without them: classification models work, detection "
+               "ops such as nms do not", once=True)
+    return out
+
+
 def import_source(source: str, name: str):
     try:
         if source == "timm":
-            import timm
-            return timm
-        import torchvision
-        import torchvision.models  # noqa: F401
-        return torchvision
-    except Exception as e:  # noqa: BLE001 - ImportError, or a CUDA-linked wheel failing on CPU
+            if importlib.util.find_spec("torchvision") is not None:
+                _import_with_skip(["torchvision", "torchvision.models"])
+            return _import_with_skip(["timm"])[0]
+        return _import_with_skip(["torchvision", "torchvision.models"])[0]
+    except Exception as e:  # noqa: BLE001 - ImportError, or a wheel failing in another way
         from . import list_models
         raise ImportError(f"model {name!r} needs the '{source}' package, which is not "
                           f"importable here ({type(e).__name__}: {e}); use a zoo model: "
@@ -150,28 +205,49 @@ def load_into(net: nn.Module, path: str, what: str):
 # ---------------------------------------------------------------------------------------------
 # Builders
 # ---------------------------------------------------------------------------------------------
+def _classes_in(state, net, file: str) -> int:
+    """The class count of a timm state dict: the rows of its classifier's weight."""
+    key = (getattr(net, "pretrained_cfg", {}) or {}).get("classifier") or "fc"
+    w = state.get(f"{key}.weight")
+    if w is None:
+        raise ValueError(f"teacher file {file!r} has no {key}.weight (the classifier of this "
+                         f"architecture) - is it the right architecture?")
+    return int(w.shape[0])
+
+
 def _timm(arch: str, name: str, num_classes: int, pretrained: bool, file: Optional[str]):
     timm = import_source("timm", name)
     if not timm.is_model(arch):
         close = timm.list_models(f"*{arch.split('.')[0][:12]}*")[:8]
         raise ValueError(f"timm has no model {arch!r}" + (f"; similar: {', '.join(close)}"
                                                            if close else ""))
-    if pretrained:
-        kw = {"pretrained_cfg_overlay": dict(file=file)} if file else {}
+    if pretrained and not file:
         try:
-            net = timm.create_model(arch, pretrained=True, **kw)
+            net = timm.create_model(arch, pretrained=True)
         except (RuntimeError, OSError, ValueError) as e:
             raise ValueError(f"timm could not load pretrained weights for {arch!r} "
                              f"({type(e).__name__}: {e}); check the name (with its tag, e.g. "
                              f"beit_large_patch16_224.in22k_ft_in22k_in1k) and that the "
                              f"weights are downloadable or cached") from e
-        cfg = getattr(net, "pretrained_cfg", {}) or {}
-        norm = (tuple(cfg.get("mean", ())), tuple(cfg.get("std", ())))
-        return net, norm if len(norm[0]) == 3 else None
-    net = timm.create_model(arch, pretrained=False, num_classes=num_classes)
+        return net, _timm_norm(net)
     if file:
+        # A local file: built with the file's class count (a 10-class fine-tune is as valid as
+        # ImageNet's 1000) and loaded strictly, tensors only; the normalisation is the
+        # architecture's pretrained one when pretrained, else the trainer's own.
+        state = read_state_dict(file, "teacher checkpoint")
+        net = timm.create_model(arch, pretrained=False, num_classes=num_classes)
+        n = _classes_in(state, net, file)
+        if n != num_classes:
+            net.reset_classifier(n)  # create_external then names the mismatch
         load_into(net, file, "teacher checkpoint")
-    return net, None
+        return net, _timm_norm(net) if pretrained else None
+    return timm.create_model(arch, pretrained=False, num_classes=num_classes), None
+
+
+def _timm_norm(net):
+    cfg = getattr(net, "pretrained_cfg", {}) or {}
+    norm = (tuple(cfg.get("mean", ())), tuple(cfg.get("std", ())))
+    return norm if len(norm[0]) == 3 else None
 
 
 def _torchvision(arch: str, name: str, num_classes: int, weights: Optional[str]):
@@ -209,7 +285,10 @@ def create_external(name: str, num_classes: int, pretrained: bool = False,
     affine = renormalisation(data_norm, norm) if (data_norm and norm) else None
     model = ExternalBackbone(net, source, affine)
     if model.fc.out_features != num_classes:
-        raise ValueError(f"teacher {name!r} classifies {model.fc.out_features} classes but the "
-                         f"dataset has {num_classes}: a pretrained ImageNet teacher needs "
-                         f"ImageNet-1k labels (or --num-classes {model.fc.out_features})")
+        what = f"teacher file {weights!r}" if weights and os.path.isfile(weights) else \
+            f"teacher {name!r}"
+        hint = f"pass --num-classes {model.fc.out_features} if the data's labels fit it" \
+            if model.fc.out_features > num_classes else "is it the right file?"
+        raise ValueError(f"{what} classifies {model.fc.out_features} classes but the dataset "
+                         f"has {num_classes}: {hint}")
     return model
