@@ -214,3 +214,32 @@ def test_evaluate_needs_neither_the_init_nor_the_teacher_file(tmp_path, teacher_
     os.remove(teacher)
     got = evaluate.main(["--checkpoint", os.path.join(cfg.output, "last.pt"), "--no-sample"])
     assert got["top1"] == pytest.approx(res["top1"])
+
+
+def test_plain_torch_load_weights_only_opens_a_fresh_checkpoint(tmp_path):
+    """No allow-list needed: the RNG states are tensors and plain numbers. Planted bug checked:
+    with NumPy's state stored as np.random.get_state() (the old format) the plain load raised
+    UnpicklingError ('Unsupported global')."""
+    cfg = tiny_config(tmp_path, "ce", epochs=1, max_steps=2, sample_eval="never")
+    train(cfg)
+    state = torch.load(os.path.join(cfg.output, "last.pt"), weights_only=True)  # no safe_globals
+    assert isinstance(state["rng"][0]["numpy"]["keys"], torch.Tensor)
+
+
+def test_rng_states_round_trip_and_old_numpy_tuples_still_restore():
+    import random
+
+    import numpy as np
+    random.seed(3)
+    np.random.seed(4)
+    torch.manual_seed(5)
+    s = ckpt_io.rng_state()
+    want = (random.random(), float(np.random.rand()), float(torch.rand(())))
+    np.random.randn()  # leaves a cached Gaussian in some NumPy versions: must round trip too
+    ckpt_io.set_rng_state(s)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == want
+    np.random.seed(4)
+    old = dict(ckpt_io.rng_state(), numpy=np.random.get_state())  # an old checkpoint's entry
+    a = float(np.random.rand())
+    ckpt_io.set_rng_state(old)
+    assert float(np.random.rand()) == a
