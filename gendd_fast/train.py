@@ -27,7 +27,7 @@ from .config import Config, config_diff
 from .data import build_loaders, describe_pipeline
 from .distributed import (all_gather_object, all_reduce_max, any_rank, broadcast_object,
                           init_distributed, shutdown)
-from .evaluate import evaluate, format_results, training_class_counts
+from .evaluate import describe_sampling, evaluate, format_results, training_class_counts
 from .logs import MetricsLog, Progress, fmt_time, plot_curves
 from .notice import notice
 from .optim import LRSchedule, build_optimizer
@@ -318,7 +318,8 @@ class Trainer:
 
     def _evaluate(self, sample: bool, sample_kw: Dict) -> Dict:
         return evaluate(self.distiller, self.loaders.val, self.device, self.amp, sample=sample,
-                        sample_kw=sample_kw, class_counts=self.class_counts)
+                        sample_kw=sample_kw, class_counts=self.class_counts,
+                        noise_seed=self.cfg.seed)
 
     def evaluate_and_save(self):
         """At the end of an epoch: evaluate when due, track the best, save 'last' (and 'best')."""
@@ -405,9 +406,9 @@ class Trainer:
                 best = dict(self._evaluate_checkpoint(os.path.join(cfg.output, "best.pt"), kw),
                             epoch=self.best["epoch"])
             if self.main_rank:
-                steps = f"ddim{cfg.ddim_steps}" if cfg.ddim_steps else cfg.sampling_steps
-                notice(f"final sampling evaluation ({steps} steps, cfg {cfg.cfg}, "
-                       f"{cfg.num_sampling} draw(s)): best.pt (epoch {best['epoch']}) top-1 "
+                steps = cfg.ddim_steps or cfg.sampling_steps
+                notice(f"final sampling evaluation ({describe_sampling(kw, steps, cfg.num_sampling)}"
+                       f", noise seed {cfg.seed}): best.pt (epoch {best['epoch']}) top-1 "
                        f"{best['sample_top1']:.2f}, last top-1 {last['sample_top1']:.2f} "
                        f"({time.time() - t0:.1f}s)")
                 self.log.write("val", self.global_step, epoch=self.epoch,
@@ -442,8 +443,11 @@ class Trainer:
             self.log.close()
             if "top1" in results:
                 draws = cfg.num_sampling if self.sample_final else 1
-                print(format_results(results, draws=draws, selected_by=self.select_by),
-                      flush=True)
+                how = (describe_sampling(self.sample_kw, cfg.ddim_steps or cfg.sampling_steps,
+                                         draws) + f", noise seed {cfg.seed}") \
+                    if self.sample_final else None
+                print(format_results(results, draws=draws, selected_by=self.select_by,
+                                     sampling=how), flush=True)
             if cfg.plot:
                 png = plot_curves(self.log.path, os.path.join(cfg.output, "curves.png"))
                 if png:

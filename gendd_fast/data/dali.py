@@ -303,10 +303,13 @@ def build_loaders(cfg, rank: int, world: int, device: torch.device):
         if isinstance(ds, ArrayDataset):
             sampler = EpochSampler(len(ds), rank, world, shuffle=train, seed=cfg.seed)
             feed = _ArrayBatches(ds.images, ds.labels, sampler, batch, drop_last=train)
-            return DaliLoader(lambda: array_pipeline(feed, train, ds.pad, ds.flip, cfg.dataset,
-                                                     batch, device_id, seed=cfg.seed + rank,
-                                                     num_threads=threads),
-                              batch, train, device, len(sampler), None, None, feed)
+            loader = DaliLoader(lambda: array_pipeline(feed, train, ds.pad, ds.flip,
+                                                       cfg.dataset, batch, device_id,
+                                                       seed=cfg.seed + rank,
+                                                       num_threads=threads),
+                                batch, train, device, len(sampler), None, None, feed)
+            loader.image_indices = lambda: sampler._indices()  # noise keys of evaluation
+            return loader
         common = dict(train=train, size=cfg.image_size, val_resize=cfg.val_resize,
                       crop_scale=cfg.crop_scale, dataset=cfg.dataset, batch_size=batch,
                       shard_id=rank, num_shards=world, device_id=device_id, seed=cfg.seed,
@@ -322,8 +325,11 @@ def build_loaders(cfg, rank: int, world: int, device: torch.device):
             n, shard_files = len(ds), None
         else:
             raise TypeError(f"no DALI pipeline for {type(ds).__name__}")
-        return DaliLoader(pipe, batch, train, device, _shard_size(n, rank, world), "Reader",
-                          shard_files)
+        loader = DaliLoader(pipe, batch, train, device, _shard_size(n, rank, world), "Reader",
+                            shard_files)
+        first = n * rank // world  # the readers' shards are contiguous ranges
+        loader.image_indices = lambda: range(first, first + _shard_size(n, rank, world))
+        return loader
 
     return Loaders(make(train_ds, True, cfg.batch_size), make(val_ds, False, cfg.eval_batch_size),
                    nc, "dali")
