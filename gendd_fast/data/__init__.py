@@ -66,6 +66,8 @@ def build_datasets(cfg):
     """Host-path (train, val, num_classes) for ``cfg.dataset``. Labels are checked here, before
     the first step: a label the model has no output for fails now, naming where it is."""
     train, val, nc = _build_datasets(cfg)
+    from .augment import randaug_for
+    train.augment = randaug_for(cfg)  # timm's RandAugment per image, before normalising
     if cfg.num_classes is not None and cfg.num_classes < nc:
         raise DatasetError(f"--num-classes {cfg.num_classes} is smaller than the {nc} classes "
                            f"of the {cfg.dataset} data")

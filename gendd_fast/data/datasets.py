@@ -51,6 +51,7 @@ class ArrayDataset(torch.utils.data.Dataset):
             raise DatasetError(f"{len(images)} images but {len(labels)} labels")
         self.images, self.labels = images, np.asarray(labels, dtype=np.int64)
         self.train, self.pad, self.flip = train, pad, flip
+        self.augment = None  # per-image RandAugment (training), set by build_datasets
 
     def __len__(self):
         return len(self.images)
@@ -60,6 +61,8 @@ class ArrayDataset(torch.utils.data.Dataset):
         img = self.images[i]
         if self.train:
             x = pad_crop_flip(img, self.pad, self.flip, random.Random(seed))
+            if self.augment is not None:
+                x = self.augment(x, seed)
         else:
             x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).contiguous()
         return x, int(self.labels[i])
@@ -274,6 +277,7 @@ class ImageFileDataset(torch.utils.data.Dataset):
         self.samples = list(samples)
         self.train, self.size, self.resize = train, image_size, val_resize
         self.scale, self.skip_bad = tuple(crop_scale), skip_bad
+        self.augment = None  # per-image RandAugment (training), set by build_datasets
 
     def __len__(self):
         return len(self.samples)
@@ -297,6 +301,8 @@ class ImageFileDataset(torch.utils.data.Dataset):
             raise
         if self.train:
             x = train_transform_pil(img, self.size, self.scale, random.Random(seed))
+            if self.augment is not None:
+                x = self.augment(x, seed)
         else:
             x = val_transform_pil(img, self.resize, self.size)
         return x, self.samples[i][1]
@@ -345,6 +351,7 @@ class WebDatasetShards(torch.utils.data.Dataset):
             raise DatasetError(f"no images in the webdataset shards at {path!r}")
         self.train, self.size, self.resize = train, image_size, val_resize
         self.scale, self.skip_bad = tuple(crop_scale), skip_bad
+        self.augment = None  # per-image RandAugment (training), set by build_datasets
         self._handles = {}
 
     def __len__(self):
@@ -366,6 +373,8 @@ class WebDatasetShards(torch.utils.data.Dataset):
                                 f"{type(e).__name__}: {e}") from e
         if self.train:
             x = train_transform_pil(img, self.size, self.scale, random.Random(seed))
+            if self.augment is not None:
+                x = self.augment(x, seed)
         else:
             x = val_transform_pil(img, self.resize, self.size)
         return x, label
