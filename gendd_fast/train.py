@@ -50,6 +50,18 @@ def train(cfg: Config) -> Dict:
             pass
 
 
+def no_buffer_sync_kwargs() -> Dict:
+    """DDP without a buffer broadcast every forward (BatchNorm statistics stay per rank, as in
+    the reference). Newer torch spells it ``forward_sync_buffers=False`` and warns (a
+    FutureWarning on every rank) for ``broadcast_buffers``; its one-off sync at start-up is
+    harmless here, every rank builds or loads the same buffers."""
+    import inspect
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    if "forward_sync_buffers" in params:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
 class Trainer:
     """One training run. The attributes are the run's state; each method is one phase."""
 
@@ -174,7 +186,7 @@ class Trainer:
             self.model = nn.parallel.DistributedDataParallel(
                 self.distiller,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False)
+                **no_buffer_sync_kwargs())
         if cfg.compile:
             self.model = torch.compile(self.model)
         self.log = MetricsLog(cfg.output, cfg.tensorboard,
@@ -230,7 +242,9 @@ class Trainer:
         self.loaders.train.set_epoch(epoch, self.start_step)
         sums: Dict[str, torch.Tensor] = {}
         n_seen, n_steps, t_last, step = 0, 0, time.time(), self.start_step
+        t_data, t_mark = 0.0, time.time()  # time waiting for batches, within the interval
         for step, (images, labels) in enumerate(self.loaders.train, start=self.start_step + 1):
+            t_data += time.time() - t_mark
             self.step = step
             lr = self.train_step(images, labels, epoch + step / spe)
             n_seen += images.shape[0]
@@ -242,19 +256,24 @@ class Trainer:
                 self.check_finite()
                 stop_now = self.stop_agreed()
             if step % cfg.log_interval == 0 or step == spe:
-                vals = {k: float(v) / n_steps for k, v in sums.items()}
-                img_s = n_seen * self.env.world / max(time.time() - t_last, 1e-9)
+                vals = {k: float(v) / n_steps for k, v in sums.items()}  # syncs the device
+                wall = max(time.time() - t_last, 1e-9)
+                img_s = n_seen * self.env.world / wall
+                timing = dict(data_s=t_data, compute_s=max(wall - t_data, 0.0))
+                if self.device.type == "cuda":
+                    timing["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                 self.progress.update(epoch, cfg.epochs, step, spe, self.global_step, vals, lr,
-                                     img_s)
+                                     img_s, timing)
                 if self.log:
                     self.log.write("train", self.global_step, epoch=epoch + 1, lr=lr,
-                                   img_s=img_s, **vals)
-                sums, n_seen, n_steps, t_last = {}, 0, 0, time.time()
+                                   img_s=img_s, **timing, **vals)
+                sums, n_seen, n_steps, t_last, t_data = {}, 0, 0, time.time(), 0.0
             if cfg.save_every and self.global_step % cfg.save_every == 0 and step < spe:
                 self.check_finite()
                 self.save(epoch, step)
             if self.global_step >= self.total_steps or stop_now:
                 break
+            t_mark = time.time()
         self.step = step
         self.start_step = 0
         self.progress.end_epoch()
@@ -440,6 +459,7 @@ class Trainer:
                        epochs_run=self.epoch, global_step=self.global_step,
                        seconds=time.time() - self.t_run, output=cfg.output)
         if self.main_rank:
+            last_line = self.end_line()  # also metrics.jsonl's last record, before it closes
             self.log.close()
             if "top1" in results:
                 draws = cfg.num_sampling if self.sample_final else 1
@@ -452,12 +472,31 @@ class Trainer:
                 png = plot_curves(self.log.path, os.path.join(cfg.output, "curves.png"))
                 if png:
                     notice(f"curves: {png}")
-            notice(f"done in {fmt_time(time.time() - self.t_run)}; checkpoints in {cfg.output}")
+            notice(last_line)
         self.model = None  # drop the DDP wrapper before leaving the process group
         shutdown()
         if self.stop["signal"] is not None:
             results["stopped_by_signal"] = self.stop["signal"]
         return results
+
+    def end_line(self) -> str:
+        """The run's last line, also recorded as metrics.jsonl's last record: finished, or
+        interrupted (a signal, or --max-steps before the last epoch) and where to resume."""
+        cfg, took = self.cfg, fmt_time(time.time() - self.t_run)
+        finished = self.epoch >= cfg.epochs
+        why = None
+        if self.stop["signal"] is not None:
+            why = f"signal {signal.Signals(self.stop['signal']).name}"
+        elif not finished:
+            why = f"--max-steps {cfg.max_steps}"
+        if self.log:
+            self.log.write("end", self.global_step, status="finished" if why is None else
+                           "interrupted", reason=why, epoch=self.epoch, seconds=took)
+        if why is None:
+            return f"done in {took}; checkpoints in {cfg.output}"
+        return (f"interrupted by {why} at epoch {self.epoch + 1}, global step "
+                f"{self.global_step} after {took}; resume with --resume auto --output "
+                f"{cfg.output}")
 
 
 if __name__ == "__main__":  # `python -m gendd_fast.train`: the entry lives in gendd_fast.cli

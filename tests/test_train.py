@@ -187,6 +187,11 @@ def test_sigterm_saves_and_exits_then_resume_finishes(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
+    # the last line and metrics.jsonl's last record say it was interrupted, not "done"
+    assert "interrupted by signal SIGTERM" in err.strip().splitlines()[-1], err[-500:]
+    import json
+    end = json.loads(metrics.read_text().splitlines()[-1])
+    assert end["type"] == "end" and end["status"] == "interrupted"
     state = torch.load(out / "last.pt", weights_only=False)
     assert 0 < state["global_step"] < 800
     r = subprocess.run(cmd + ["--resume", "auto", "--max-steps", str(state["global_step"] + 3)],
@@ -282,3 +287,31 @@ def test_keyed_noise_does_not_depend_on_the_batch():
     assert torch.equal(x_all[6:], x_part) and torch.equal(s_all[:, 6:], s_part)
     x_other, _ = image_noises(7, torch.arange(3, 6), 2, tokens=2, dim=3, steps=4, device="cpu")
     assert not torch.equal(x_other, x_part)  # another draw, other noise
+
+
+def test_max_steps_stop_is_reported_as_interrupted_and_logs_split_data_and_compute(
+        tmp_path, capsys):
+    """Planted bug checked: with the old plain 'done' line the first assertion failed."""
+    cfg = tiny_config(tmp_path, "ce", epochs=3, max_steps=5, sample_eval="never")
+    train(cfg)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "interrupted by --max-steps 5" in last and "--resume auto" in last
+    import json
+    with open(os.path.join(cfg.output, "metrics.jsonl")) as fh:
+        recs = [json.loads(line) for line in fh]
+    assert recs[-1]["type"] == "end" and recs[-1]["reason"] == "--max-steps 5"
+    for r in read_metrics(cfg.output):
+        assert r["data_s"] >= 0 and r["compute_s"] > 0
+    done = tiny_config(tmp_path / "b", "ce", epochs=1, sample_eval="never")
+    train(done)
+    assert "done in" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_ddp_is_built_without_the_deprecated_buffer_flag():
+    import inspect
+
+    from gendd_fast.train import no_buffer_sync_kwargs
+    kw = no_buffer_sync_kwargs()
+    params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    assert list(kw) == (["forward_sync_buffers"] if "forward_sync_buffers" in params
+                        else ["broadcast_buffers"]) and list(kw.values()) == [False]
