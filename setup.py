@@ -55,11 +55,17 @@ def extension_modules():
 
 ext_modules, cmdclass = extension_modules()
 
+# kernels/, csrc/ and configs/ sit at the top of the repository (the layout README.md's table
+# describes) and are mapped into the package here, so an installed copy has gendd_fast.kernels,
+# gendd_fast/csrc and gendd_fast/configs; a source checkout finds them through gendd_fast/layout.py
+# (whose MAPPED names the same three folders).
+MAPPED = {"gendd_fast.kernels": "kernels", "gendd_fast.csrc": "csrc",
+          "gendd_fast.configs": "configs"}
+
 setup(
-    packages=find_packages(include=["gendd_fast", "gendd_fast.*"]),
-    # csrc/, kernels/ and configs/ sit at the top of the repository (the design card) and are
-    # linked into the package, so an installed copy carries them too.
-    package_data={"gendd_fast": ["csrc/*", "configs/*.yaml"]},
+    packages=find_packages(include=["gendd_fast", "gendd_fast.*"]) + sorted(MAPPED),
+    package_dir=MAPPED,
+    package_data={"gendd_fast.csrc": ["*.cpp", "*.h", "*.cu"], "gendd_fast.configs": ["*.yaml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -33,7 +33,7 @@ BENCH = os.path.join(ROOT, "benchmarks")
 
 PREFLIGHT = """
 import sys, torch
-from gendd_fast.fused_head import fused_launch_problem
+from gendd_fast.launch_check import fused_launch_problem
 rows = [int(r) for r in sys.argv[1].split(",")]
 for name, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
     why = fused_launch_problem(torch.device("cuda"), dt, dict(width=1024, depth=3, token_dim=64,

@@ -3,9 +3,13 @@
 Importing the package never needs a compiler, a GPU, Triton, DALI, torchvision or timm: the
 optional accelerators are imported where they are used, and fall back with a one-line notice.
 """
-from .diffusion import GaussianDiffusion, create_diffusion, space_timesteps
-from .head import DiffLoss, SimpleMLPAdaLN
-from .sampling import guided_sample
+from . import layout
+
+layout.map_kernels()  # a source checkout: its top-level kernels/ is gendd_fast.kernels
+
+from .diffusion import GaussianDiffusion, create_diffusion, space_timesteps  # noqa: E402
+from .head import DiffLoss, SimpleMLPAdaLN  # noqa: E402
+from .sampling import guided_sample  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -7,7 +7,7 @@ from typing import Dict
 import torch
 
 from .config import Config
-from .distill import Teacher, build_distiller
+from .distill import Teacher, build_distiller, method
 from .models import build_teacher, create_model
 from .notice import notice
 from .precision import resolve_amp
@@ -21,10 +21,10 @@ def choose_head(cfg: Config, device: torch.device):
     want = cfg.head if cfg.head != "auto" else ("fused" if device.type == "cuda" else "torch")
     if want == "torch":
         return DiffLoss
-    from .fused_head import (TOKENS_PER_IMAGE, FusedDiffLoss, fused_launch_problem,
-                             fused_unavailable_reason)
+    from .fused_head import FusedDiffLoss, fused_unavailable_reason
     why = fused_unavailable_reason(device)
     if not why:  # every kernel of a step compiled for this GPU and held to its limits, now
+        from .launch_check import TOKENS_PER_IMAGE, fused_launch_problem
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
             resolve_amp(cfg.amp, device), torch.float32)
         rows = [cfg.batch_size * (cfg.mul or 1) * t for t in TOKENS_PER_IMAGE]
@@ -45,7 +45,7 @@ def build_method(cfg: Config, num_classes: int, device: torch.device, teacher_we
     classifier and the student), so neither the teacher file nor the ``--init`` file it was
     trained from needs to exist any more."""
     teacher = None
-    if cfg.method != "ce":  # zoo + checkpoint, or timm/torchvision with their own weights
+    if method(cfg.method).needs_teacher:  # zoo + checkpoint, or timm/torchvision with their own weights
         public = (read_public(cfg.teacher_checkpoint)
                   if teacher_weights and cfg.teacher_checkpoint else None)
         tmodel = build_teacher(cfg, num_classes, teacher_weights and public is None)
@@ -55,7 +55,7 @@ def build_method(cfg: Config, num_classes: int, device: torch.device, teacher_we
     student = create_model(cfg.student, num_classes)
     if cfg.init and init_weights:
         notice(load_student_weights(cfg.init, student))
-    head_cls = choose_head(cfg, device) if cfg.method == "gendd" else None
+    head_cls = choose_head(cfg, device) if method(cfg.method).samples else None
     distiller = build_distiller(cfg, student, teacher.model if teacher else None, head_cls)
     distiller = distiller.to(device)
     if cfg.channels_last:
@@ -75,6 +75,6 @@ def sampling_kwargs(cfg: Config) -> Dict:
 
 def configure_sampler(distiller, cfg: Config):
     """Respace the head's sampler to the config's steps (no-op for methods without a head)."""
-    head = getattr(distiller, "diffloss", None)
+    head = distiller.head
     if head is not None:
         head.set_sampling_steps(f"ddim{cfg.ddim_steps}" if cfg.ddim_steps else cfg.sampling_steps)

@@ -13,10 +13,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-METHODS = ("ce", "kd", "dkd", "ikl", "gendd-pretrain", "gendd")
+from .distill import method, method_names
+from .layout import folder
+
+METHODS = method_names()  # the registry's (gendd_fast/distill/), in registration order
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "filelist", "webdataset", "synthetic")
-# configs/ at the top of the repository, linked into the package (installed copies carry it).
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+# configs/ at the top of the repository, mapped into the package by setup.py (layout.py).
+CONFIG_DIR = folder("configs")
 
 
 @dataclass
@@ -468,7 +471,7 @@ def validate(cfg: Config):
         v = getattr(cfg, name)
         if v not in options:
             raise ValueError(f"unknown {name.replace('_', '-')} {v!r}; valid: {', '.join(options)}")
-    choice("method", METHODS)
+    choice("method", method_names())
     choice("dataset", DATASETS)
     choice("amp", ("auto", "bf16", "fp16", "off"))
     choice("sched", ("cos", "cos-epoch", "step"))
@@ -513,7 +516,7 @@ def validate(cfg: Config):
     positive("clip_grad", optional=True)
     if not 0.0 <= cfg.momentum < 1.0:
         raise ValueError(f"momentum must lie in [0, 1), got {cfg.momentum}")
-    if cfg.method.startswith("gendd") or cfg.method in ("kd", "dkd", "ikl"):
+    if method(cfg.method).needs_teacher:
         if not cfg.teacher:
             raise ValueError(f"method {cfg.method!r} needs a teacher (--teacher NAME "
                              f"--teacher-checkpoint PATH)")
@@ -523,9 +526,10 @@ def validate(cfg: Config):
         raise ValueError(f"cond-drop must lie in [0, 1), got {cfg.cond_drop}")
     if len(cfg.crop_scale) != 2 or not 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1:
         raise ValueError(f"crop-scale must be two numbers 0 < lo <= hi <= 1, got {cfg.crop_scale}")
-    if not cfg.labels and cfg.method in ("ce", "dkd", "gendd-pretrain"):
+    if not cfg.labels and method(cfg.method).needs_labels:
+        free = [m for m in method_names() if not method(m).needs_labels]
         raise ValueError(f"method {cfg.method!r} needs labels; unsupervised runs use --method "
-                         f"gendd or kd (the KL baseline) with --labels false")
+                         f"{' or '.join(free)} with --labels false")
     for name in ("mixup", "cutmix"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"{name} must be >= 0 (0 disables), got {getattr(cfg, name)}")

@@ -15,6 +15,7 @@ from typing import Dict, Optional
 
 import torch
 
+from .distill import method
 from .distributed import all_reduce_sum
 from .precision import autocast_for, resolve_amp
 
@@ -264,7 +265,7 @@ def main(argv=None):
     seed = cfg.seed if args.seed is None else args.seed
     cfg, env, loaders, distiller = rebuild_for_evaluation(ckpt, cfg, over, args.device, seed)
     configure_sampler(distiller, cfg)
-    sample = hasattr(distiller, "diffloss") and not args.no_sample
+    sample = method(cfg.method).samples and not args.no_sample
     counts = training_class_counts(cfg, loaders.num_classes)
     kw = sampling_kwargs(cfg)
     res = evaluate(distiller, loaders.val, env.device, resolve_amp(cfg.amp, env.device),

@@ -18,7 +18,7 @@ a one-line notice.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,69 +29,6 @@ from .notice import notice
 def fused_unavailable_reason(device) -> Optional[str]:
     from .kernels import unavailable_reason
     return unavailable_reason(torch.device(device))
-
-
-# Tokens per image of the teachers a run may distill (feature width / token size, up to 4096 /
-# 64): the trainer knows the batch and the copies per token before it knows the teacher, and
-# the GEMM tiles change only where the row count crosses a multiple of the head width.
-TOKENS_PER_IMAGE = (1, 2, 4, 8, 16, 32, 64)
-
-
-def fused_launch_problem(device, dtype: torch.dtype, shapes: Dict) -> Optional[str]:
-    """Why the fused head cannot run a training step on ``device`` (None when it can).
-
-    ``shapes``: ``width``, ``depth``, ``token_dim`` of the head and ``rows``, the row counts a
-    step may have. Every kernel specialisation such a step launches is compiled for this GPU
-    before training (through Triton's cache, so step 1 reuses the binaries) and its shared
-    memory compared with the device's limit: a kernel that would stop training with
-    ``OutOfResources`` is named here instead."""
-    reason = fused_unavailable_reason(device)
-    device = torch.device(device)
-    if reason or device.type != "cuda":
-        return reason  # None: the interpreter on CPU has no launch limits
-    from .kernels.limits import shared_memory_limit
-    major, minor = torch.cuda.get_device_capability(device)
-    return launch_problem(10 * major + minor, shared_memory_limit(device), dtype, shapes, device)
-
-
-def representative_rows(rows, width: int, token_dim: int):
-    """The smallest row count of each class the launch configurations tell apart: whether the
-    reduction over rows is long against each output dimension (weight-gradient tiles), how many
-    BLOCK_K steps a short one takes, and the 16-divisibility Triton specialises on. Recording
-    these instead of every count keeps the check's memory that of the smallest step."""
-    reps = {}
-    for r in sorted({int(x) for x in rows}):
-        sig = (tuple(r > 4 * m for m in (token_dim, 2 * token_dim, width, 2 * width, 3 * width))
-               + (min(r // 32, 8), r % 16 == 0))
-        reps.setdefault(sig, r)
-    return sorted(reps.values())
-
-
-def launch_problem(arch: int, limit: int, dtype: torch.dtype, shapes: Dict,
-                   device="cpu") -> Optional[str]:
-    """:func:`fused_launch_problem` for compute capability ``arch`` allowing ``limit`` bytes of
-    shared memory per block; the step is recorded with tensors on ``device`` (needs the real
-    ``triton.jit``, not the interpreter)."""
-    from .kernels import launch_check
-
-    records = {}
-    try:
-        for rows in representative_rows(shapes["rows"], shapes["width"], shapes["token_dim"]):
-            for rec in launch_check.record_step(arch, dtype, int(rows), shapes["width"],
-                                                shapes["depth"], shapes["token_dim"],
-                                                device=device, limit=limit):
-                records.setdefault(rec.key(arch), rec)
-    except RuntimeError as e:  # no launch configuration fits this device at all
-        return str(e)
-    for rec in records.values():
-        res = launch_check.compile_launch(rec, arch, registers=False)
-        what = f"kernel {rec.kernel} ({rec.call}, {rec.num_warps} warps, {rec.num_stages} stages)"
-        if "error" in res:
-            return f"{what} does not compile for sm_{arch}: {res['error']}"
-        if res["shared"] > limit:
-            return (f"{what} needs {res['shared']} B of shared memory per block; sm_{arch} "
-                    f"here allows {limit} B")
-    return None
 
 
 class FusedDiffLoss(DiffLoss):

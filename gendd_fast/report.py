@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from .distill import method
 from .evaluate import add_evaluation_options, describe_sampling, evaluation_overrides
 
 DDPM_STEPS = (100, 64, 32, 16)
@@ -149,14 +150,16 @@ def pair_name(config: Dict) -> str:
 
 
 def evaluate_checkpoints(paths: Sequence[str], overrides: Dict, device: str = "auto",
-                         seed: Optional[int] = None, sample: bool = True, sweep: Optional[Dict] = None):
+                         seed: Optional[int] = None, sample: bool = True,
+                         sweep: Optional[Dict] = None):
     """One result dict per checkpoint; with ``sweep`` ({'ddpm': [...], 'ddim': [...]}), a list
     of per-setting results under 'sweep' for GenDD checkpoints."""
     from .build import sampling_kwargs
     runs = []
     for path in paths:
         run = load_run(path, overrides, device, seed)
-        cfg, gendd = run.cfg, hasattr(run.distiller, "diffloss")
+        cfg = run.cfg
+        gendd = method(cfg.method).samples
         do_sample = sample and gendd
         res = _evaluate(run, cfg, do_sample)
         res.update(checkpoint=path, method=cfg.method, pair=pair_name(run.saved),

@@ -13,8 +13,10 @@ from typing import List, Optional
 
 import torch
 
+from .layout import folder
 from .notice import notice
-_CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+
+_CSRC = folder("csrc")
 _lock = threading.Lock()
 _state = {"module": None, "tried": False, "why": None}
 

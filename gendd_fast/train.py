@@ -25,6 +25,7 @@ from . import checkpoint as ckpt_io
 from .build import build_method, configure_sampler, sampling_kwargs
 from .config import Config, config_diff
 from .data import build_loaders, describe_pipeline
+from .distill import method
 from .distributed import (all_gather_object, all_reduce_max, any_rank, broadcast_object,
                           init_distributed, shutdown)
 from .evaluate import describe_sampling, evaluate, format_results, training_class_counts
@@ -208,8 +209,8 @@ class Trainer:
                    + f", {cfg.dataset} ({self.num_classes} classes), {self.steps_per_epoch} "
                      f"steps/epoch x {cfg.epochs} epochs, {env.world} process(es) on "
                      f"{self.device}, amp {self.amp}, data {self.loaders.backend}"
-                   + (f", head {type(self.distiller.diffloss).__name__}"
-                      if hasattr(self.distiller, "diffloss") else ""))
+                   + (f", head {type(self.distiller.head).__name__}"
+                      if self.distiller.head is not None else ""))
             notice(f"images {describe_pipeline(cfg)}")
 
     def _install_signal_handler(self):
@@ -320,7 +321,7 @@ class Trainer:
         ``--sample-eval every``; the linear probe picks best.pt otherwise. Unsupervised GenDD has
         no trained probe, so it always samples."""
         cfg = self.cfg
-        gendd = hasattr(self.distiller, "diffloss")
+        gendd = method(cfg.method).samples
         self.sample_during = gendd and (cfg.sample_eval == "every"
                                         or (not cfg.labels and cfg.sample_eval == "end"))
         self.sample_final = gendd and cfg.sample_eval != "never"
@@ -426,8 +427,9 @@ class Trainer:
                             epoch=self.best["epoch"])
             if self.main_rank:
                 steps = cfg.ddim_steps or cfg.sampling_steps
-                notice(f"final sampling evaluation ({describe_sampling(kw, steps, cfg.num_sampling)}"
-                       f", noise seed {cfg.seed}): best.pt (epoch {best['epoch']}) top-1 "
+                how = describe_sampling(kw, steps, cfg.num_sampling)
+                notice(f"final sampling evaluation ({how}, noise seed {cfg.seed}): best.pt "
+                       f"(epoch {best['epoch']}) top-1 "
                        f"{best['sample_top1']:.2f}, last top-1 {last['sample_top1']:.2f} "
                        f"({time.time() - t0:.1f}s)")
                 self.log.write("val", self.global_step, epoch=self.epoch,

@@ -148,7 +148,7 @@ if triton is not None:
 
 # Tile candidates (BLOCK_M, BLOCK_N, BLOCK_K, num_warps), best first for each problem shape. The
 # first one whose shared memory estimate fits the device at the most stages is taken, and
-# :mod:`.launch_check` compiles what each supported GPU gets, ahead of time, to prove it fits.
+# gendd_fast/launch_check.py compiles what each supported GPU gets, ahead of time, to prove it fits.
 _WGRAD_TILES = [(64, 64, 64, 4), (64, 64, 32, 4)]       # small output, long reduction
 _NARROW_TILES = [(128, 64, 64, 8), (128, 64, 32, 8), (64, 64, 32, 4)]   # N <= 128 (final layer)
 _WIDE_TILES = [(128, 128, 64, 8), (128, 128, 32, 8), (128, 64, 32, 8), (64, 64, 32, 4)]

@@ -6,6 +6,12 @@ import torch
 
 from gendd_fast.config import make_config
 from gendd_fast.models import create_model
+from gendd_fast import DiffLoss
+from PIL import Image
+from gendd_fast import checkpoint as ckpt_io
+import torch.nn as nn
+import numpy as np
+import sys
 
 TEACHER = "resnet8"   # 64-wide feature: two tokens of 32
 STUDENT = "resnet8"
@@ -51,3 +57,105 @@ def perturb_zero_init(module, std=0.05, seed=1234):
             if p.numel() and bool((p == 0).all()):
                 p.copy_(torch.randn(p.shape, generator=g).to(p.device) * std)
     return module
+
+
+# Used by the tests of more than one module (checkpoint, data, trainer, kernels, head, ...).
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class _Payload:
+    """Unpickling this runs a shell command that creates ``marker``: proof of code execution."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+
+
+# -- 4. SIGTERM to the whole process group with DataLoader workers ------------------------------
+def _image_folder(root, n=8, classes=("a", "b"), size=20):
+    for split in ("train", "val"):
+        for c in classes:
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                arr = np.random.RandomState(i).randint(0, 255, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(d / f"{i}.png")
+    return str(root)
+
+
+def _folder_cmd(data, out, *extra):
+    return [sys.executable, "-m", "gendd_fast.train", "--method", "ce", "--dataset",
+            "imagefolder", "--data-path", data, "--image-size", "16", "--batch-size", "4",
+            "--student", "resnet8", "--device", "cpu", "--log-interval", "1", "--no-plot",
+            "--no-progress", "--output", out, *extra]
+
+
+# -- 8. disk full ---------------------------------------------------------------------------------
+def _disk_full(monkeypatch, folder):
+    """Point atomic_save's temporary file at /dev/full: every write fails with ENOSPC from the
+    kernel, as on a full disk."""
+    real = ckpt_io.tempfile.mkstemp
+
+    def mkstemp(dir=None, prefix=None, suffix=None):
+        fd, tmp = real(dir=dir, prefix=prefix, suffix=suffix)
+        os.close(fd)
+        return os.open("/dev/full", os.O_WRONLY), tmp
+
+    monkeypatch.setattr(ckpt_io.tempfile, "mkstemp", mkstemp)
+
+
+def rel_close(got, want, tol, name=""):
+    """Elementwise |got - want| <= tol * |want| (+ a floor far below any value compared)."""
+    got, want = got.double(), want.double()
+    assert not torch.isnan(got).any(), f"{name}: NaN"
+    err = (got - want).abs() / (want.abs() + 1e-30)
+    worst = err.max().item()
+    assert worst <= tol, f"{name}: relative error {worst:.2e} > {tol:.0e}"
+
+
+# ---------------------------------------------------------------------------------------------
+# LayerNorm inside the kernels: eps and the rsqrt form, on rows of tiny variance
+# ---------------------------------------------------------------------------------------------
+def tiny_variance_rows(n, W, gen):
+    """Row variances from 0 to 1e-4 (eps is 1e-6): where 1/(sqrt(var)+eps), another eps or a
+    biased mean all give different numbers from rsqrt(var + eps)."""
+    spread = torch.tensor([0.0, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2])
+    spread = spread[torch.arange(n) % len(spread)]
+    off = torch.randn(n, 1, generator=gen) * 0.5
+    return off + spread[:, None] * torch.randn(n, W, generator=gen)
+
+
+HEAD_LN_EPS = 1e-6  # the method's in_ln / norm_final eps, written out: not read from the code
+
+
+def block_by_hand(h, shift, scale, gate, ln_w, ln_b, w0, b0, w2, b2):
+    F = torch.nn.functional
+    u = F.layer_norm(h, (h.shape[1],), ln_w, ln_b, HEAD_LN_EPS) * (1 + scale) + shift
+    return h + gate * F.linear(F.silu(F.linear(u, w0, b0)), w2, b2)
+
+
+def final_by_hand(h, shift, scale, w, b):
+    F = torch.nn.functional
+    return F.linear(F.layer_norm(h, (h.shape[1],), None, None, HEAD_LN_EPS) * (1 + scale)
+                    + shift, w, b)
+
+
+def _small_gendd(**kw):
+    from gendd_fast.distill import GenDD
+    from gendd_fast.models import create_model
+    from helpers import perturb_zero_init
+    torch.manual_seed(0)
+    args = dict(token_dim=16, width=32, depth=1, sampling_steps="3", mul=2, cond_drop=0.3,
+                beta=1.0, smooth=0.7)
+    args.update(kw)
+    g = GenDD(create_model("resnet8", 5), nn.Linear(64, 5), DiffLoss, **args)
+    perturb_zero_init(g.diffloss, std=0.2)
+    return g

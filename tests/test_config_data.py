@@ -180,8 +180,8 @@ def test_data_path_without_dataset_is_inferred_with_a_notice_or_refused(tmp_path
         (cifar / "cifar-100-python" / f).write_bytes(b"")
     assert config_from_args(["--data-path", str(cifar), "--method", "ce"])[0].dataset == "cifar100"
     # a given --dataset is never second-guessed
-    assert config_from_args(["--data-path", str(cifar), "--dataset", "cifar10", "--method", "ce"])[0].dataset \
-        == "cifar10"
+    given = ["--data-path", str(cifar), "--dataset", "cifar10", "--method", "ce"]
+    assert config_from_args(given)[0].dataset == "cifar10"
     with pytest.raises(ValueError, match="without --dataset .*add --dataset"):
         config_from_args(["--data-path", str(tmp_path / "c" / "cifar-100-python" / "train")])
     with pytest.raises(ValueError, match="without --dataset"):

@@ -10,6 +10,7 @@ from PIL import Image
 
 from gendd_fast.config import make_config
 from gendd_fast.data import BadImageError, build_loaders, dali
+from helpers import _image_folder
 
 DEV = torch.device("cpu")
 
@@ -176,6 +177,56 @@ def test_trainer_with_dali_backend(tmp_path):
                       progress=False, device="cpu")
     res = train(cfg)
     assert res["n"] == 12 and 0 <= res["top1"] <= 100
+
+
+# Hostile input and faults (moved from the campaign file test_hardening.py): no code runs from a
+# checkpoint or a CIFAR file, signals and full disks are survived with a clear message, and nothing
+# on disk is silently lost or left stale.
+
+
+class _FailingDali(dali.DaliLoader):
+    """A DALI loader whose pipeline fails as nvImageCodec does on a bad JPEG: while building
+    (the first batches are decoded by ``pipe.build()``/the iterator's prefetch), naming no file."""
+
+    def _build(self):
+        raise RuntimeError("[/opt/dali/dali/operators/imgcodec/image_decoder.h:695] "
+                           "nvImageCodec failure: '#4'")
+
+
+def test_dali_decode_failure_while_building_names_the_file(tmp_path):
+    data = _image_folder(tmp_path / "data")
+    bad = os.path.join(data, "train", "a", "zz_broken.jpg")
+    with open(bad, "wb") as fh:
+        fh.write(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(data, "train"))
+                   for f in fs)
+    loader = _FailingDali(None, 4, True, torch.device("cpu"), len(files), "Reader", files)
+    loader.set_epoch(0)
+    with pytest.raises(BadImageError, match="zz_broken.jpg"):
+        next(iter(loader))
+    # a failure that is not about a file (nothing undecodable found) is not disguised as one
+    os.remove(bad)
+    loader = _FailingDali(None, 4, True, torch.device("cpu"), len(files) - 1, "Reader",
+                          [f for f in files if f != bad])
+    with pytest.raises(RuntimeError, match="nvImageCodec failure"):
+        next(iter(loader))
+
+
+# -- 7. DALI resume over arrays says the augmentations differ ------------------------------------
+def test_dali_array_resume_gives_the_notice(capsys):
+    from gendd_fast.data.loader import EpochSampler
+    images = np.zeros((32, 8, 8, 3), np.uint8)
+    feed = dali._ArrayBatches(images, np.zeros(32, np.int64), EpochSampler(32), 4, True)
+    fresh = dali.DaliLoader(None, 4, True, torch.device("cpu"), 32, None, None, feed)
+    fresh.set_epoch(0, 0)
+    assert "DALI" not in capsys.readouterr().err
+    resumed = dali.DaliLoader(None, 4, True, torch.device("cpu"), 32, None, None, feed)
+    resumed.set_epoch(3, 5)
+    err = capsys.readouterr().err
+    assert "DALI: resuming at epoch 4, batch 5" in err and "will not match" in err
+    resumed = dali.DaliLoader(None, 4, True, torch.device("cpu"), 32, None, None, feed)
+    resumed.set_epoch(2, 0)  # at an epoch boundary the draws restart too
+    assert "DALI: resuming at epoch 3" in capsys.readouterr().err
 
 
 # -- timm's RandAugment in DALI (gendd_fast.data.dali_randaug) ----------------------------------

@@ -7,6 +7,7 @@ import torch
 
 from gendd_fast.diffusion import (GaussianDiffusion, create_diffusion, get_named_beta_schedule,
                                   space_timesteps)
+from helpers import rel_close
 
 
 def abar_closed(s):
@@ -200,3 +201,98 @@ def test_step_noise_shape_is_checked():
 def test_bad_betas_rejected():
     with pytest.raises(ValueError):
         GaussianDiffusion(np.array([0.1, -0.2]))
+
+
+# Guards from the mutation run (moved from test_mutation_guards.py): each pins a behaviour the rest
+# of the suite did not, with inputs where the wrong and right formulas disagree; each docstring
+# names the planted bugs it was run against and failed on.
+
+
+# ---------------------------------------------------------------------------------------------
+# The ancestral sampler, with tolerances relative to each term's own scale
+# ---------------------------------------------------------------------------------------------
+def _by_hand(diff, model, xT, z, temperature):
+    """The improved-DDPM ancestral loop in float64; returns the states after every step."""
+    b = diff.np["betas"]
+    ac = np.cumprod(1 - b)
+    ac_prev = np.append(1.0, ac[:-1])
+    pv = b * (1 - ac_prev) / (1 - ac)
+    plog = np.log(np.append(pv[1], pv[1:]))
+    x, states, d = xT.double(), [], xT.shape[1]
+    for step, i in enumerate(reversed(range(diff.num_timesteps))):
+        o = model(x.float(), torch.full((x.shape[0],), diff.timestep_map[i])).double()
+        e, v = o[:, :d], o[:, d:]
+        x0 = math.sqrt(1 / ac[i]) * x - math.sqrt(1 / ac[i] - 1) * e
+        mean = (b[i] * math.sqrt(ac_prev[i]) / (1 - ac[i]) * x0
+                + (1 - ac_prev[i]) * math.sqrt(1 - b[i]) / (1 - ac[i]) * x)
+        logvar = (v + 1) / 2 * math.log(b[i]) + (1 - (v + 1) / 2) * plog[i]
+        x = mean + (torch.exp(0.5 * logvar) * z[step].double() * temperature if i > 0 else 0)
+        states.append(x)
+    return states
+
+
+def _linear_head(d, seed):
+    w = torch.randn(2 * d, d, generator=torch.Generator().manual_seed(seed))
+
+    def model(x, t, **_):  # depends on the original timestep index, as the head does
+        return torch.tanh(x @ w.T * 0.5 + t[:, None].float() / 1000)
+    return model
+
+
+def test_ancestral_sampler_by_hand_at_moderate_scale():
+    """Steps {0, 500} ("1,1" respacing) keep every value O(1), so each element is compared to
+    its own size. Planted: noise std exp(logvar); temperature ignored; noise on the last step;
+    variance fraction (v + 1) / 2 flipped; model called with respaced instead of original t."""
+    diff = create_diffusion("1,1")
+    assert diff.timestep_map == [0, 500]
+    d = 3
+    model = _linear_head(d, 0)
+    xT, z = torch.randn(6, d), torch.randn(2, 6, d)
+    got = diff.p_sample_loop(model, (6, d), noise=xT, step_noises=z, temperature=0.7)
+    want = _by_hand(diff, model, xT, z, 0.7)[-1]
+    assert want.abs().max() < 20
+    rel_close(got, want, 1e-4, "x_0")
+
+
+def test_ancestral_sampler_noise_term_at_large_scale():
+    """With steps {0, 999} the state after the first step is ~1e4, so an absolute-or-relative
+    check on it hides an error of order 1 in the noise. Check the noise term on its own: two
+    runs that differ only in the first step's noise differ by exactly
+    temperature * exp(0.5 * logvar) * (z - z'). The last step's noise must not matter at all."""
+    diff = create_diffusion("2")
+    d = 3
+    model = _linear_head(d, 1)
+    xT = torch.randn(6, d)
+    seen = []
+
+    def recording(x, t, **kw):
+        seen.append(x.clone())
+        return model(x, t, **kw)
+
+    z1, z2 = torch.randn(2, 6, d), torch.randn(2, 6, d)
+    z2[1] = z1[1]
+    a = diff.p_sample_loop(recording, (6, d), noise=xT, step_noises=z1, temperature=0.7)
+    b = diff.p_sample_loop(recording, (6, d), noise=xT, step_noises=z2, temperature=0.7)
+    x1a, x1b = seen[1].double(), seen[3].double()   # inputs to the second (last) step
+    assert x1a.abs().max() > 1e3  # the scale that hid errors before
+    states = _by_hand(diff, model, xT, z1, 0.7)
+    rel_close(x1a, states[0], 1e-5, "x after the first step")
+    # the noise term alone, relative to its own size
+    b_, ac = diff.np["betas"][1], np.cumprod(1 - diff.np["betas"])
+    pv = diff.np["posterior_variance"]
+    out = model(xT, torch.full((6,), 999)).double()
+    f = (out[:, d:] + 1) / 2
+    logvar = f * math.log(b_) + (1 - f) * math.log(pv[1])
+    want = 0.7 * torch.exp(0.5 * logvar) * (z1[0] - z2[0]).double()
+    assert want.abs().min() > 1e-3
+    got_diff = x1a - x1b
+    # fp32 rounding of values ~1e4 is ~1e-3 absolute: compare each row to its own noise scale
+    err = ((got_diff - want).abs() / want.abs().amax(1, keepdim=True)).max().item()
+    assert err < 0.01, f"noise term relative error {err:.2e}"
+    # no noise on the last step: changing only z[last] changes nothing
+    z3 = z1.clone()
+    z3[1] = torch.randn(6, d) * 5
+    c = diff.p_sample_loop(model, (6, d), noise=xT, step_noises=z3, temperature=0.7)
+    assert torch.equal(a, c)
+    assert not torch.equal(a, b)
+    assert ac[1] < 1e-3

@@ -10,6 +10,9 @@ from gendd_fast.distill import GenDD, dkd_loss, kd_loss
 from gendd_fast.head import draw_row_randomness
 from gendd_fast.models import create_model
 from helpers import perturb_zero_init
+from gendd_fast.distill import DKD
+import torch.nn as nn
+from helpers import _small_gendd
 
 
 def test_kd_loss_by_hand():
@@ -143,3 +146,130 @@ def test_sampling_evaluation_shapes():
                         cfg=2.0, num_sampling=2)
     assert out[""].shape == (3, 10) and out["sample_"].shape == (3, 10)
     assert torch.isfinite(out["sample_"]).all()
+
+
+# Guards from the mutation run (moved from test_mutation_guards.py): each pins a behaviour the rest
+# of the suite did not, with inputs where the wrong and right formulas disagree; each docstring
+# names the planted bugs it was run against and failed on.
+
+
+# ---------------------------------------------------------------------------------------------
+# DKD warm-up
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("progress,ramp", [(0.0, 0.0), (1.0, 0.05), (5.0, 0.25), (10.0, 0.5),
+                                           (19.5, 0.975), (20.0, 1.0), (35.0, 1.0)])
+def test_dkd_warmup_weight_at_given_epochs(progress, ramp):
+    """loss = ce_weight * CE + min(epoch / warmup, 1) * DKD, at warmup 20.
+    Planted: no clamp at 1; ramp by (epoch + 1); warm-up ignored."""
+    torch.manual_seed(0)
+    student = nn.Linear(5, 6)
+    m = DKD(nn.Sequential(student), alpha=1.0, beta=8.0, T=4.0, warmup=20, ce_weight=0.7)
+    x, y, t = torch.randn(8, 5), torch.randint(0, 6, (8,)), torch.randn(8, 6) * 3
+    loss, parts = m(x, y, (None, t), progress)
+    s = student(x)
+    ce = nn.functional.cross_entropy(s, y)
+    kd = dkd_loss(s, t, y, 1.0, 8.0, 4.0)
+    assert kd.item() > 0.1  # the warm-up weight is visible in the loss
+    want = 0.7 * ce + ramp * kd
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    m0 = DKD(nn.Sequential(student), warmup=0)
+    loss0, _ = m0(x, y, (None, t), progress)
+    assert loss0.item() == pytest.approx((ce + kd).item(), rel=1e-5)
+
+
+def test_gendd_step_hands_the_head_the_condition_target_and_drop_rate(monkeypatch):
+    """What the GenDD step passes to the head, with mixing off: z = LayerNorm(f_s), the
+    contracted target, mul and cond_drop. Planted: cond_drop not passed (0.0); z = f_s;
+    contraction weights swapped."""
+    g = _small_gendd(beta=0.0)
+    seen = {}
+
+    def spy(target, z, mul, cond_drop_prob, generator=None):
+        seen.update(target=target, z=z, mul=mul, p=cond_drop_prob)
+        return (z.sum() + target.sum()) * 0
+    monkeypatch.setattr(g.diffloss, "distill_loss", spy)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 4, 2, 2])
+    f_t = torch.randn(4, 64)
+    g(x, y, (f_t, None))
+    f_s = g.student.forward_features(x)
+    z = nn.functional.layer_norm(f_s, (f_s.shape[1],), g.cls_projector[0].weight,
+                                 g.cls_projector[0].bias)
+    torch.testing.assert_close(seen["z"], z, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(seen["target"], 0.3 * f_t + 0.7 * g.teacher_fc.weight[y])
+    assert seen["mul"] == 2 and seen["p"] == 0.3
+
+
+def test_gendd_step_probe_ce_reaches_fc_but_not_the_backbone(monkeypatch):
+    """In the full GenDD step the linear probe's CE trains fc on *detached* features: with the
+    diffusion term contributing no gradient, the backbone gets none. Planted:
+    logits = fc(f_s) without detach (CE then trains the student's backbone)."""
+    g = _small_gendd(beta=0.0)
+    monkeypatch.setattr(g.diffloss, "distill_loss",
+                        lambda target, z, *a, **k: (z.sum() + target.sum()) * 0)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 4, 2, 2])
+    loss, parts = g(x, y, (torch.randn(4, 64), None))
+    assert "ce" in parts
+    loss.backward()
+    assert g.student.fc.weight.grad.abs().sum() > 0
+    for name, p in g.student.named_parameters():
+        if not name.startswith("fc."):
+            assert p.grad is None or not p.grad.any(), name
+
+
+# The method registry (gendd_fast/distill/): trainer, validation, evaluation and report ask it.
+
+def test_registry_declares_each_method_and_builds_it_from_a_config():
+    """Each method answers needs_teacher / needs_labels / samples and builds from a config.
+    Planted: KD declared needs_labels = True (validation then refuses the KL baseline) and GenDD
+    without samples = True (no sampling evaluation): both fail the table below."""
+    from gendd_fast.config import Config
+    from gendd_fast.distill import build_distiller, method, method_names
+    assert method_names() == ("ce", "kd", "dkd", "ikl", "gendd-pretrain", "gendd")
+    traits = {n: (method(n).needs_teacher, method(n).needs_labels, method(n).samples)
+              for n in method_names()}
+    assert traits == {"ce": (False, True, False), "kd": (True, False, False),
+                      "dkd": (True, True, False), "ikl": (True, False, False),
+                      "gendd-pretrain": (True, True, False), "gendd": (True, False, True)}
+    teacher, student = create_model("resnet8", 4), create_model("resnet8", 4)
+    for name in method_names():
+        d = build_distiller(Config(method=name, token_dim=32, diffloss_w=16, diffloss_d=1),
+                            student, teacher, DiffLoss)
+        assert type(d) is method(name) and d.name == name
+        assert (d.head is not None) == method(name).samples
+    with pytest.raises(ValueError, match="method 'kd' needs a teacher"):
+        build_distiller(Config(method="kd"), student, None)
+    with pytest.raises(ValueError, match="unknown method 'nope'; choose from ce, kd"):
+        method("nope")
+
+
+def test_a_new_method_is_one_class_and_one_registration():
+    """A method registered from outside the package (what a new file under distill/ does) is
+    accepted by the config's validation and built by build_distiller, with its declared needs
+    enforced; nothing else names it."""
+    from gendd_fast.config import Config, validate
+    from gendd_fast.distill import Distiller, base, build_distiller, register
+
+    @register("test-l2")
+    class L2(Distiller):
+        needs_teacher = True
+        needs_labels = False
+
+        @classmethod
+        def from_config(cls, cfg, student, teacher, head_cls=None):
+            return cls(student)
+
+        def forward(self, images, labels, teacher_out, progress=0.0):
+            loss = (self.student(images) - teacher_out[1]).pow(2).mean()
+            return loss, {"l2": loss.detach()}
+
+    try:
+        cfg = Config(method="test-l2", teacher="resnet8", labels=False)
+        validate(cfg)
+        with pytest.raises(ValueError, match="method 'test-l2' needs a teacher"):
+            validate(Config(method="test-l2", teacher=""))
+        d = build_distiller(cfg, create_model("resnet8", 4), create_model("resnet8", 4))
+        x = torch.randn(2, 3, 32, 32)
+        loss, parts = d(x, None, (None, torch.zeros(2, 4)))
+        assert loss.item() >= 0 and set(parts) == {"l2"}
+    finally:
+        base._METHODS.pop("test-l2")

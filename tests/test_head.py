@@ -7,6 +7,10 @@ import torch
 from gendd_fast import DiffLoss, guided_sample
 from gendd_fast.head import timestep_embedding
 from helpers import perturb_zero_init
+from gendd_fast import FusedDiffLoss
+from gendd_fast.head import NUM_TRAIN_TIMESTEPS, draw_row_randomness
+import math
+from helpers import block_by_hand, final_by_hand, tiny_variance_rows
 
 
 def expected_keys(depth):
@@ -186,6 +190,131 @@ def test_sampler_errors():
         small_head(num_sampling_steps="fast")
     with pytest.raises(ValueError, match="positive integer"):
         small_head(num_chunks=0)
+
+
+# Guards from the mutation run (moved from test_mutation_guards.py): each pins a behaviour the rest
+# of the suite did not, with inputs where the wrong and right formulas disagree; each docstring
+# names the planted bugs it was run against and failed on.
+
+
+def test_head_layernorms_use_the_method_eps_on_tiny_variance_rows():
+    """The reference head's LayerNorms (in_ln, norm_final) on rows where eps 1e-5 and 1e-6
+    differ. Planted: nn.LayerNorm(eps=1e-5) in the head."""
+    head = DiffLoss(8, 6, 2, 32, "4", 2)
+    gen = torch.Generator().manual_seed(8)
+    x = tiny_variance_rows(12, 32, gen)
+    y = torch.randn(12, 32, generator=gen)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        blk0, fl = head.net.res_blocks[0], head.net.final_layer
+        sh, sc, ga = blk0.adaLN_modulation(y).chunk(3, dim=-1)
+        want = block_by_hand(x, sh, sc, ga, blk0.in_ln.weight, blk0.in_ln.bias,
+                             blk0.mlp[0].weight, blk0.mlp[0].bias, blk0.mlp[2].weight,
+                             blk0.mlp[2].bias)
+        rel = ((blk0(x, y) - want).abs().amax(1) / (want - x).abs().amax(1)).max().item()
+        assert rel < 1e-4, rel
+        fsh, fsc = fl.adaLN_modulation(y).chunk(2, dim=-1)
+        want = final_by_hand(x, fsh, fsc, fl.linear.weight, fl.linear.bias)
+        rel = ((fl(x, y) - want).abs().amax(1) / want.abs().amax(1)).max().item()
+        assert rel < 1e-4, rel
+
+
+# ---------------------------------------------------------------------------------------------
+# Drawn timesteps and condition keep rates
+# ---------------------------------------------------------------------------------------------
+def _check_uniform_steps(t):
+    n = t.numel()
+    assert t.dtype == torch.int64
+    assert int(t.min()) == 0 and int(t.max()) == NUM_TRAIN_TIMESTEPS - 1
+    counts = torch.bincount(t, minlength=NUM_TRAIN_TIMESTEPS).double()
+    assert counts.numel() == NUM_TRAIN_TIMESTEPS
+    expected = n / NUM_TRAIN_TIMESTEPS
+    # t = 0 (the decoder-NLL term) is drawn as often as any other step
+    sd = math.sqrt(expected)
+    assert abs(counts[0] - expected) < 5 * sd, f"t=0 drawn {counts[0]:.0f}x, expected {expected}"
+    chi2 = (((counts - expected) ** 2) / expected).sum().item()
+    # chi-square with 999 dof: mean 999, sd ~ 44.7
+    assert chi2 < 999 + 6 * 44.7, chi2
+    assert abs(t.double().mean().item() - 499.5) < 5 * 288.7 / math.sqrt(n)
+
+
+def test_row_randomness_timesteps_cover_zero_uniformly_and_keep_rate():
+    """Planted: randint(1, 1000); randint(0, 999); keep = rand < p (rate 1 - p)."""
+    n = 200_000
+    for p in (0.2, 0.35):
+        keep, t, noise = draw_row_randomness(n, 4, p, "cpu", torch.Generator().manual_seed(1))
+        _check_uniform_steps(t)
+        rate, sd = keep.double().mean().item(), math.sqrt(p * (1 - p) / n)
+        assert abs(rate - (1 - p)) < 5 * sd, (p, rate)
+        assert noise.shape == (n, 4)
+        assert abs(noise.mean().item()) < 5 / math.sqrt(4 * n)
+        assert abs(noise.std().item() - 1) < 0.01
+    keep, _, _ = draw_row_randomness(1000, 4, 0.0, "cpu")
+    assert keep.all()
+
+
+def test_head_draws_training_timesteps_from_zero_to_999():
+    """DiffLoss.training_timesteps (the per-row forward without explicit t)."""
+    _check_uniform_steps(DiffLoss.training_timesteps(200_000, "cpu",
+                                                     generator=torch.Generator().manual_seed(2)))
+    t = torch.tensor([0, 999])
+    assert torch.equal(DiffLoss.training_timesteps(2, "cpu", t), t)
+    for bad in (torch.tensor([0, 1000]), torch.tensor([-1, 3])):
+        with pytest.raises(ValueError, match="timesteps"):
+            DiffLoss.training_timesteps(2, "cpu", bad)
+
+
+@pytest.mark.parametrize("head_cls", [DiffLoss, FusedDiffLoss])
+def test_distill_loss_drops_conditions_at_the_asked_rate(head_cls, monkeypatch):
+    """What reaches the loss: the fraction of rows whose condition is dropped, the timesteps.
+    Planted: keep-rate 1 - p in either head; kept rows gathering another image's condition."""
+    d, zc, L, B, mul, p = 4, 6, 2, 50, 40, 0.3    # 4000 rows
+    head = head_cls(d, zc, 1, 16, "4", L)
+    seen = {}
+
+    if head_cls is DiffLoss:
+        def spy(target, z, chunk_idx, t=None, noise=None, **_):
+            seen.update(dropped=(z == 0).all(1), t=t)
+            return target.sum() * 0
+        monkeypatch.setattr(head, "forward", spy)
+    else:
+        def spy(x0, t, noise, k, z_img, ci):
+            seen.update(dropped=ci == z_img.shape[0], t=t, image=ci)
+            return x0.sum(1) * 0
+        monkeypatch.setattr(head, "row_losses", spy)
+    z = torch.randn(B, zc) + 3  # no row of z is zero by chance
+    head.distill_loss(torch.randn(B, L * d), z, mul, p, torch.Generator().manual_seed(4))
+    n = B * L * mul
+    rate, sd = seen["dropped"].double().mean().item(), math.sqrt(p * (1 - p) / n)
+    assert abs(rate - p) < 5 * sd, rate
+    assert int(seen["t"].min()) >= 0 and int(seen["t"].max()) < NUM_TRAIN_TIMESTEPS
+    if head_cls is FusedDiffLoss:  # kept rows gather their own image's condition
+        r = torch.arange(n) % (B * L)
+        kept = ~seen["dropped"]
+        assert torch.equal(seen["image"][kept], (r // L)[kept])
+
+
+def test_generate_pairs_each_image_with_every_token_position():
+    """generate(z) = the guided sampler on rows (image b, token k) in order b * L + k, reshaped
+    to (B, L * d). Planted: token indices repeat_interleave'd (rows get the wrong position)."""
+    from gendd_fast.sampling import guided_sample
+    torch.manual_seed(0)
+    head = DiffLoss(4, 5, 1, 16, "3", 3)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(torch.randn(p.shape) * 0.3)
+    z = torch.randn(2, 5)
+    got = head.generate(z, cfg=2.0, generator=torch.Generator().manual_seed(1))
+    rows = torch.stack([z[b] for b in range(2) for _ in range(3)])
+    k = torch.tensor([k for _ in range(2) for k in range(3)])
+    want = guided_sample(head, rows, k, cfg=2.0, generator=torch.Generator().manual_seed(1))
+    assert got.shape == (2, 12)
+    torch.testing.assert_close(got, want.reshape(2, 12), rtol=1e-5, atol=1e-6)
+    # and the position table matters: another order of k gives other tokens
+    other = guided_sample(head, rows, k.flip(0), cfg=2.0,
+                          generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(other.reshape(2, 12), got, atol=1e-3)
 
 
 def _readme_snippet(marker):

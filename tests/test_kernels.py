@@ -22,6 +22,8 @@ from gendd_fast.kernels.final_layer import final_layer, final_layer_reference
 from gendd_fast.kernels.linear import fused_linear
 from gendd_fast.kernels.noise_injection import noise_injection, noise_injection_reference
 from gendd_fast.kernels.timestep_embedding import timestep_features, timestep_table
+from gendd_fast.kernels.layernorm import ln_stats
+from helpers import block_by_hand, final_by_hand, rel_close, tiny_variance_rows
 
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2}
 
@@ -232,3 +234,89 @@ def test_diffusion_loss_matches_reference_and_its_gradient():
     close(dg, dw, name="d out")
     # eps is detached in the VB term: the eps half of the gradient is the MSE's alone
     close(dg[:, :d], (-2 * (eps - out[:, :d]) / d * g[:, None]).detach(), name="mse grad")
+
+
+# Guards from the mutation run (moved from test_mutation_guards.py): each pins a behaviour the rest
+# of the suite did not, with inputs where the wrong and right formulas disagree; each docstring
+# names the planted bugs it was run against and failed on.
+
+
+def test_ln_stats_rsqrt_of_var_plus_eps_on_tiny_variance_rows():
+    """Planted: eps 1e-5 / 1e-6 dropped; 1/(sqrt(var)+eps); unbiased variance."""
+    gen = torch.Generator().manual_seed(5)
+    h = tiny_variance_rows(30, 80, gen)
+    mean, rstd = ln_stats(h, 1e-6)
+    hd = h.double()
+    var = hd.var(1, unbiased=False)
+    rel_close(mean, hd.mean(1), 1e-5, "mean")  # |mean| ~ 0.5: fp32 summation error is far less
+    rel_close(rstd, torch.rsqrt(var + 1e-6), 1e-3, "rstd")
+
+
+def blk_inputs(n, W):
+    g = torch.Generator().manual_seed(1)
+    r = lambda *shape: torch.randn(*shape, generator=g)
+    mods = [r(n, W) * 0.5 for _ in range(3)]
+    w0, w2 = (r(W, W) / W ** 0.5 for _ in range(2))
+    return [r(n, W), *mods, 1 + 0.1 * r(W), 0.1 * r(W), w0, 0.1 * r(W), w2, 0.1 * r(W)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_adaln_block_and_final_layer_on_tiny_variance_rows(dtype):
+    """The LN of both fused layers, forward and backward, where eps matters, against an
+    independent formula with eps 1e-6. Planted: LN_EPS 1e-5 (kernel and its reference agree,
+    so only this catches it); ln_stats called with another eps; the rsqrt form."""
+    gen = torch.Generator().manual_seed(6)
+    n, W = 18, 64
+    inputs = blk_inputs(n, W)
+    inputs[0] = tiny_variance_rows(n, W, gen).to(dtype)
+    inputs[1:4] = [m.to(dtype) for m in inputs[1:4]]
+    inputs = [x.requires_grad_(True) for x in inputs]
+    g = torch.randn(n, W, generator=gen).to(dtype)
+    tol = 1e-3 if dtype == torch.float32 else 3e-2
+
+    def rows_close(got, want, name):  # each row against its own scale
+        got, want = got.float(), want.float()
+        scale = want.abs().amax(1, keepdim=True).clamp_min(1e-6)
+        err = ((got - want).abs() / scale).max().item()
+        assert err <= tol, f"{name}: row-relative error {err:.2e} > {tol:.0e}"
+
+    out = blk.adaln_block(*inputs)
+    (dh,) = torch.autograd.grad(out, inputs[0], g)
+    ref = block_by_hand(*[x.float() for x in inputs])
+    (rdh,) = torch.autograd.grad(ref, inputs[0], g.float())
+    # h' = h + gate * v: compare the update, not h (which would hide v)
+    rows_close(out.float() - inputs[0].float(), ref - inputs[0].float(), "block update")
+    rows_close(dh.float() - g.float(), rdh - g.float(), "block dh through LN")
+
+    h, sh, sc = inputs[0], inputs[1], inputs[2]
+    w, b = torch.randn(24, W, generator=gen), torch.randn(24, generator=gen)
+    fo = final_layer(h, sh, sc, w, b)
+    gf = torch.randn(n, 24, generator=gen)
+    (fdh,) = torch.autograd.grad(fo, h, gf)
+    fr = final_by_hand(h.float(), sh.float(), sc.float(), w, b)
+    (frdh,) = torch.autograd.grad(fr, h, gf)
+    rows_close(fo, fr, "final out")
+    rows_close(fdh, frdh, "final dh")
+
+
+# ---------------------------------------------------------------------------------------------
+# Noise injection: the gradient with respect to eps
+# ---------------------------------------------------------------------------------------------
+def test_noise_injection_gradients_for_x0_and_eps():
+    """Planted: d eps = g * sqrt(abar); d eps = g; d x0 and d eps swapped."""
+    diff = create_diffusion("")
+    tab = loss_tables(diff, "cpu")
+    sa, s1a = tab[:, 0].contiguous(), tab[:, 1].contiguous()
+    n, d = 21, 16
+    x0 = torch.randn(n, d, requires_grad=True)
+    eps = torch.randn(n, d, requires_grad=True)
+    t = torch.tensor([0, 1, 2, 999, 998, 500] + list(range(100, 1000, 60)))
+    assert t.shape == (n,)
+    g = torch.randn(n, d)
+    dx0, deps = torch.autograd.grad(noise_injection(x0, eps, t, sa, s1a), [x0, eps], g)
+    ac = torch.from_numpy(diff.np["alphas_cumprod"])[t][:, None]
+    rel_close(dx0, g.double() * ac.sqrt(), 1e-5, "dx0")
+    rel_close(deps, g.double() * (1 - ac).sqrt(), 1e-5, "deps")
+    # eps alone requiring grad (x0 a constant) still gets its gradient
+    (deps2,) = torch.autograd.grad(noise_injection(x0.detach(), eps, t, sa, s1a), [eps], g)
+    rel_close(deps2, g.double() * (1 - ac).sqrt(), 1e-5, "deps (eps only)")

@@ -40,7 +40,7 @@ def run_compiler_side(args):
 
 def run_check(combos, tmp_path):
     out = tmp_path / "launches.json"
-    proc = run_compiler_side(["-m", "gendd_fast.kernels.launch_check", "--combos", combos,
+    proc = run_compiler_side(["-m", "gendd_fast.launch_check", "--combos", combos,
                               "--jobs", "2", "--json", str(out)])
     assert out.exists(), proc.stderr[-3000:]
     return proc, json.loads(out.read_text())
@@ -68,7 +68,7 @@ def test_recorder_sees_every_gemm_of_the_step():
     """The recorder must see the whole step: 12 forward GEMMs (4 modulation, input, 2 x 3
     blocks, final) and 20 backward (4 + 1 modulation, 2 final, 4 x 3 blocks, input weight)."""
     code = ("import collections, torch\n"
-            "from gendd_fast.kernels import launch_check as lc\n"
+            "from gendd_fast import launch_check as lc\n"
             "recs = lc.record_step(80, torch.bfloat16, 'r34')\n"
             "print(collections.Counter(r.kernel for r in recs)['_fused_matmul_kernel'])\n"
             "print(sorted({r.signature['A'] for r in recs if r.kernel == '_fused_matmul_kernel'}))")
@@ -86,7 +86,7 @@ def test_launch_problem_names_the_kernel_and_the_limit():
     disabled, so the first choice is taken whatever it needs) are both reported by name. (That
     every launch fits where it should is the subset test above.)"""
     code = ("import torch\n"
-            "from gendd_fast.fused_head import launch_problem\n"
+            "from gendd_fast.launch_check import launch_problem\n"
             "from gendd_fast.kernels import matmul\n"
             "shapes = dict(width=1024, depth=1, token_dim=64, rows=[512])\n"
             "print(launch_problem(80, 16384, torch.bfloat16, shapes))\n"
@@ -103,7 +103,7 @@ def test_launch_problem_names_the_kernel_and_the_limit():
 
 def test_trainer_stops_before_step_one_when_the_fused_head_cannot_launch(monkeypatch, tmp_path):
     """--head fused: a launch problem stops the run in choose_head with the kernel's message."""
-    from gendd_fast import fused_head
+    from gendd_fast import launch_check
     from gendd_fast.config import Config
     from gendd_fast.build import choose_head
     seen = {}
@@ -112,7 +112,7 @@ def test_trainer_stops_before_step_one_when_the_fused_head_cannot_launch(monkeyp
         seen.update(dtype=dtype, **shapes)
         return "kernel _fused_matmul_kernel (...) needs 181248 B of shared memory per block"
 
-    monkeypatch.setattr(fused_head, "fused_launch_problem", problem)
+    monkeypatch.setattr(launch_check, "fused_launch_problem", problem)
     cfg = Config(head="fused", amp="bf16", batch_size=8, mul=3)
     with pytest.raises(ValueError, match="--head fused cannot run on cpu: kernel "
                                            "_fused_matmul_kernel .* 181248 B"):

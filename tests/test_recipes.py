@@ -1,8 +1,8 @@
 """Every paper recipe under configs/ resolves to the public GenDD scripts' values.
 
 One row per recipe: what the reference's launch script and training script set for that run
-(``shared/gendd-method.md``, "Optimisation used by the reference"). A recipe that drifts from the
-reference fails here by name and field.
+(the public GenDD code's launch and training scripts). A recipe that drifts from the reference
+fails here by name and field.
 """
 import pytest
 

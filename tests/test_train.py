@@ -9,6 +9,11 @@ from gendd_fast import checkpoint as ckpt_io
 from gendd_fast.distill import CE
 from gendd_fast.train import NonFiniteLoss, train
 from helpers import read_metrics, save_teacher, tiny_config
+import signal
+import subprocess
+import sys
+import time
+from helpers import _disk_full, _env, _folder_cmd, _image_folder
 
 
 @pytest.fixture(scope="module")
@@ -219,6 +224,191 @@ def test_evaluate_needs_neither_the_init_nor_the_teacher_file(tmp_path, teacher_
     os.remove(teacher)
     got = evaluate.main(["--checkpoint", os.path.join(cfg.output, "last.pt"), "--no-sample"])
     assert got["top1"] == pytest.approx(res["top1"])
+
+
+# Hostile input and faults (moved from the campaign file test_hardening.py): no code runs from a
+# checkpoint or a CIFAR file, signals and full disks are survived with a clear message, and nothing
+# on disk is silently lost or left stale.
+
+
+def test_sigterm_to_process_group_with_workers_saves_and_exits_0(tmp_path):
+    """scancel / an eviction signals every process of the job: DataLoader workers must survive
+    it so the main process can save at the next step and exit 0."""
+    data = _image_folder(tmp_path / "data")
+    out = tmp_path / "run"
+    cmd = _folder_cmd(data, str(out), "--epochs", "500", "--workers", "2")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env=_env())
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and (not metrics.exists()
+                                          or len(metrics.read_text().splitlines()) < 6):
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err[-3000:]
+    assert "killed by signal" not in err and "exited unexpectedly" not in err
+    state = ckpt_io.read_checkpoint(str(out / "last.pt"))
+    assert state["global_step"] >= 5
+
+
+def test_disk_full_during_training(tmp_path, monkeypatch):
+    from gendd_fast.train import train
+    cfg = tiny_config(tmp_path, "ce", epochs=1, max_steps=2)
+    train(cfg)
+    before = ckpt_io.read_checkpoint(os.path.join(cfg.output, "last.pt"))["global_step"]
+    _disk_full(monkeypatch, cfg.output)
+    import dataclasses
+    with pytest.raises(ckpt_io.DiskFullError, match=r"no space left on device while writing "
+                                                    r".*last.pt; the previous .*last.pt is kept"):
+        train(dataclasses.replace(cfg, max_steps=0, resume="auto"))
+    monkeypatch.undo()
+    assert ckpt_io.read_checkpoint(os.path.join(cfg.output, "last.pt"))["global_step"] == before
+
+
+# -- 3. a fresh run never overwrites a folder's checkpoint silently ------------------------------
+def test_fresh_run_into_a_checkpoint_folder_is_refused(tmp_path):
+    import dataclasses
+
+    from gendd_fast.train import train
+    cfg = tiny_config(tmp_path, "ce", epochs=1)
+    train(cfg)
+    last = os.path.join(cfg.output, "last.pt")
+    before = ckpt_io.read_checkpoint(last)["global_step"]
+    metrics = open(os.path.join(cfg.output, "metrics.jsonl")).read()
+    again = dataclasses.replace(cfg, max_steps=1)
+    with pytest.raises(ckpt_io.CheckpointError, match=r"already holds a checkpoint \(last.pt\).*"
+                                                      r"--resume auto.*--output.*--overwrite"):
+        train(again)
+    assert ckpt_io.read_checkpoint(last)["global_step"] == before
+    assert open(os.path.join(cfg.output, "metrics.jsonl")).read() == metrics
+    train(dataclasses.replace(again, overwrite=True))
+    assert ckpt_io.read_checkpoint(last)["global_step"] == 1
+    assert not os.path.exists(os.path.join(cfg.output, "best.pt"))  # the old run's is gone
+
+
+def test_fresh_run_refusal_on_the_cli(tmp_path):
+    out = tmp_path / "run"
+    ckpt_io.atomic_save({"model": {}}, str(out / "best.pt"))
+    r = subprocess.run([sys.executable, "-m", "gendd_fast.train", "--method", "ce", "--dataset",
+                        "synthetic", "--output", str(out), "--device", "cpu", "--epochs", "1",
+                        "--max-steps", "1", "--synthetic-size", "16", "--batch-size", "8",
+                        "--image-size", "16", "--no-plot", "--no-progress"],
+                       capture_output=True, text=True, timeout=120, env=_env())
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"error: output folder {str(out)!r} already holds a checkpoint (best.pt, but no " \
+           f"last.pt to resume from)" in r.stderr
+
+
+# -- 5. non-finite weights or buffers are never saved; the message names what is on disk -------
+def test_infinite_batchnorm_statistics_are_not_saved(tmp_path, monkeypatch):
+    """A huge lr makes BatchNorm running variances Inf while the training loss (which uses batch
+    statistics) stays finite: the guard must look at buffers too, and save nothing bad."""
+    from gendd_fast.distill import CE
+    from gendd_fast.train import NonFiniteLoss, train
+    calls = {"n": 0}
+    real = CE.forward
+
+    def poisoned(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 6:  # epoch 2 of 4-step epochs
+            bn = next(m for m in self.modules() if isinstance(m, torch.nn.BatchNorm2d))
+            bn.running_var.fill_(float("inf"))
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(CE, "forward", poisoned)
+    cfg = tiny_config(tmp_path, "ce", epochs=3)
+    with pytest.raises(NonFiniteLoss, match=r"running_var.*it was not saved and the newest good "
+                                            r"checkpoint on disk, .*last.pt \(step 4\)"):
+        train(cfg)
+    state = ckpt_io.read_checkpoint(os.path.join(cfg.output, "last.pt"))
+    assert state["global_step"] == 4
+    assert not ckpt_io.nonfinite_names({**state["model"], **state["extra"]})
+
+
+def test_nan_message_names_a_checkpoint_an_earlier_process_wrote(tmp_path, monkeypatch):
+    import dataclasses
+
+    from gendd_fast.distill import CE
+    from gendd_fast.train import NonFiniteLoss, train
+    cfg = tiny_config(tmp_path, "ce", epochs=2, max_steps=4)
+    train(cfg)  # an earlier process: last.pt at step 4
+    real = CE.forward
+    monkeypatch.setattr(CE, "forward",
+                        lambda self, *a, **kw: (lambda lp: (lp[0] * float("nan"), lp[1]))(
+                            real(self, *a, **kw)))
+    with pytest.raises(NonFiniteLoss) as e:
+        train(dataclasses.replace(cfg, max_steps=0, resume="auto"))
+    assert "no checkpoint had been written" not in str(e.value)
+    assert "last.pt (step 4), is untouched" in str(e.value)
+
+
+# -- 6. best.pt is repaired on resume; temporary files of killed writes go ------------------------
+def test_stale_best_is_rewritten_on_resume_and_temps_removed(tmp_path, monkeypatch):
+    import dataclasses
+
+    from gendd_fast.train import train
+    cfg = tiny_config(tmp_path, "ce", epochs=3, lr=1e-2)
+    real = ckpt_io.atomic_save
+    writes = {"best": 0}
+
+    class Killed(BaseException):
+        pass
+
+    def killed_during_second_best(obj, path):
+        if path.endswith("best.pt"):
+            writes["best"] += 1
+            if writes["best"] == 2:  # the process dies while writing best.pt a second time
+                open(os.path.join(os.path.dirname(path), ".best.pt.dead.tmp"), "wb").close()
+                raise Killed()
+        return real(obj, path)
+
+    monkeypatch.setattr(ckpt_io, "atomic_save", killed_during_second_best)
+    # make every evaluation a new best, so epoch 2 writes best.pt again
+    from gendd_fast import train as train_mod
+    top = iter(range(10, 100, 10))
+    monkeypatch.setattr(train_mod, "evaluate",
+                        lambda *a, **kw: {"top1": float(next(top)), "top5": 100.0, "n": 1})
+    with pytest.raises(Killed):
+        train(cfg)
+    monkeypatch.setattr(ckpt_io, "atomic_save", real)
+    out = cfg.output
+    last = ckpt_io.read_checkpoint(os.path.join(out, "last.pt"))
+    assert last["best"]["epoch"] == 2
+    assert ckpt_io.read_checkpoint(os.path.join(out, "best.pt"))["best"]["epoch"] == 1  # stale
+    assert os.path.exists(os.path.join(out, ".best.pt.dead.tmp"))
+    train(dataclasses.replace(cfg, resume="auto", max_steps=last["global_step"]))
+    best = ckpt_io.read_checkpoint(os.path.join(out, "best.pt"))
+    assert best["best"]["epoch"] == 2 and best["global_step"] == last["global_step"]
+    for k, v in last["model"].items():
+        assert torch.equal(best["model"][k], v)
+    assert not os.path.exists(os.path.join(out, ".best.pt.dead.tmp"))
+
+
+# -- 8. resuming with another teacher file is refused ---------------------------------------------
+def test_resume_with_a_different_teacher_is_refused(tmp_path):
+    import dataclasses
+
+    from gendd_fast.train import train
+    (tmp_path / "t1").mkdir()
+    (tmp_path / "t2").mkdir()
+    t1, _ = save_teacher(tmp_path / "t1", seed=0)
+    t2, _ = save_teacher(tmp_path / "t2", seed=1)
+    cfg = tiny_config(tmp_path, "kd", t1, epochs=2, max_steps=2)
+    train(cfg)
+    with pytest.raises(ckpt_io.CheckpointError, match=r"trained with the teacher checkpoint "
+                                                      r"'teacher_resnet8.pt'.*sha256"):
+        train(dataclasses.replace(cfg, teacher_checkpoint=t2, resume="auto", max_steps=3))
+    # the same teacher under another path (a moved run) is fine
+    moved = tmp_path / "moved.pt"
+    moved.write_bytes(open(t1, "rb").read())
+    res = train(dataclasses.replace(cfg, teacher_checkpoint=str(moved), resume="auto",
+                                    max_steps=3))
+    assert res["global_step"] == 3
 
 
 def test_plain_torch_load_weights_only_opens_a_fresh_checkpoint(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gendd_fast import FusedDiffLoss
-from gendd_fast.fused_head import fused_launch_problem
+from gendd_fast.launch_check import fused_launch_problem
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -94,7 +94,9 @@ class RandAugmentPerImage:
     def __init__(self, policy: str, image_size: int, dataset: str):
         parse_randaug(policy)  # our error messages for a malformed policy
         self.policy, self.hparams = policy, timm_randaug_hparams(image_size, dataset)
-        self.transform = _timm().data.auto_augment.rand_augment_transform(policy, dict(self.hparams))  # it edits its hparams
+        # a copy: timm writes into the hparams it is given
+        self.transform = _timm().data.auto_augment.rand_augment_transform(
+            policy, dict(self.hparams))
 
     def __call__(self, x: torch.Tensor, seed: int) -> torch.Tensor:
         from PIL import Image

@@ -3,7 +3,8 @@ there, feeding the trainer the same ``(images, labels)`` batches as the DataLoad
 
 - ImageNet-style data (class folders, ``path label`` lists): ``fn.readers.file`` sharded by rank
   -> random-resized-crop fused into the decoder (``decoders.image_random_crop``) -> resize ->
-  flip (-> timm's RandAugment, :mod:`gendd_fast.data.dali_randaug`) -> normalise; validation: resize of the shorter side + centre crop. The reader is named,
+  flip (-> timm's RandAugment, :mod:`gendd_fast.data.dali_randaug`) -> normalise; validation:
+  resize of the shorter side + centre crop. The reader is named,
   so the epoch length is known, and validation pads its last batch so every image is scored
   exactly once over the ranks.
 - CIFAR / digits arrays: ``fn.external_source`` fed in the order of the trainer's own sharded

@@ -1,4 +1,6 @@
-"""Kill-rate summary of the hand-planted mutants (issue 14): before = existing suite, guards = tests/test_mutation_guards.py.
+"""Kill-rate summary of the hand-planted mutants (issue 14): before = a run of the suite without
+the guard tests, guards = a run with them (they now sit in each module's test file). The runs'
+records are outputs, not kept in git (results/ is git-ignored).
 
     python tools/mutation/run.py REPO_COPY before results/before.jsonl   # plants each mutant in a COPY
     python tools/mutation/run.py REPO_COPY guards results/guards_final.jsonl

@@ -1,4 +1,5 @@
-"""Every Triton launch of a fused-head training step, recorded and compiled ahead of time.
+"""The fused head's launch pre-flight: every Triton launch of a fused-head training step,
+recorded and compiled ahead of time.
 
 No GPU is needed. :func:`record_step` runs one forward + backward of :class:`FusedDiffLoss` at
 the real shapes on CPU with the launch of every ``@triton.jit`` kernel replaced by a recorder
@@ -13,7 +14,9 @@ Compiles are cached on disk (``GENDD_LAUNCH_CACHE``, default ``.launch_cache/`` 
 root, git-ignored), keyed by kernel source, binding, constexprs, options, arch and Triton version.
 
 Needs the real ``triton.jit`` (``TRITON_INTERPRET`` unset); ``python -m
-gendd_fast.kernels.launch_check`` runs the check from a process of its own.
+gendd_fast.launch_check`` runs the check from a process of its own. :func:`fused_launch_problem`
+is the trainer's check before step 1. It sits beside the head it drives, above ``kernels/``,
+which imports nothing of the package.
 """
 from __future__ import annotations
 
@@ -30,8 +33,9 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .limits import SHARED_MEMORY_OPTIN, SUPPORTED_ARCHS, simulate_arch
-from .utils import interpreting, triton
+from .fused_head import FusedDiffLoss, fused_unavailable_reason
+from .kernels.limits import SHARED_MEMORY_OPTIN, SUPPORTED_ARCHS, simulate_arch
+from .kernels.utils import interpreting, triton
 
 # Training shapes (head width 1024, depth 3, 64-dim tokens): images x tokens x copies rows, and
 # the condition width (the teacher feature size).
@@ -79,7 +83,7 @@ def _require_jit():
         raise RuntimeError("launch_check needs Triton")
     if interpreting():
         raise RuntimeError("launch_check needs the real triton.jit: run it without "
-                           "TRITON_INTERPRET=1 (python -m gendd_fast.kernels.launch_check)")
+                           "TRITON_INTERPRET=1 (python -m gendd_fast.launch_check)")
 
 
 @contextlib.contextmanager
@@ -142,8 +146,6 @@ def record_step(arch: int, dtype: torch.dtype, rows, width: int = WIDTH, depth: 
     rows (an int, or a name in :data:`SHAPES`), with ``dtype`` the compute dtype (bf16 / fp16
     autocast over fp32 masters, or plain fp32). Only the row count, the head's width, depth and
     token size reach the kernels (the condition width ``z`` goes through a torch GEMM)."""
-    from ..fused_head import FusedDiffLoss
-
     if isinstance(rows, str):
         z, rows = SHAPES[rows]["z"], shape_rows(rows)
     device = torch.device(device)
@@ -182,7 +184,7 @@ def unique_launches(records: Sequence[Launch]) -> List[Launch]:
 
 
 def cache_dir() -> str:
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return os.environ.get("GENDD_LAUNCH_CACHE", os.path.join(root, ".launch_cache"))
 
 
@@ -320,6 +322,67 @@ def worst_case(rows) -> Dict:
         if r["dtype"] != "fp32" and r["kernel"] == "_fused_matmul_kernel":
             w["max_spill_stores_hot"] = max(w["max_spill_stores_hot"], r["spill_stores"])
     return out
+
+
+# Tokens per image of the teachers a run may distill (feature width / token size, up to 4096 /
+# 64): the trainer knows the batch and the copies per token before it knows the teacher, and
+# the GEMM tiles change only where the row count crosses a multiple of the head width.
+TOKENS_PER_IMAGE = (1, 2, 4, 8, 16, 32, 64)
+
+
+def fused_launch_problem(device, dtype: torch.dtype, shapes: Dict) -> Optional[str]:
+    """Why the fused head cannot run a training step on ``device`` (None when it can).
+
+    ``shapes``: ``width``, ``depth``, ``token_dim`` of the head and ``rows``, the row counts a
+    step may have. Every kernel specialisation such a step launches is compiled for this GPU
+    before training (through Triton's cache, so step 1 reuses the binaries) and its shared
+    memory compared with the device's limit: a kernel that would stop training with
+    ``OutOfResources`` is named here instead."""
+    reason = fused_unavailable_reason(device)
+    device = torch.device(device)
+    if reason or device.type != "cuda":
+        return reason  # None: the interpreter on CPU has no launch limits
+    from .kernels.limits import shared_memory_limit
+    major, minor = torch.cuda.get_device_capability(device)
+    return launch_problem(10 * major + minor, shared_memory_limit(device), dtype, shapes, device)
+
+
+def representative_rows(rows, width: int, token_dim: int):
+    """The smallest row count of each class the launch configurations tell apart: whether the
+    reduction over rows is long against each output dimension (weight-gradient tiles), how many
+    BLOCK_K steps a short one takes, and the 16-divisibility Triton specialises on. Recording
+    these instead of every count keeps the check's memory that of the smallest step."""
+    reps = {}
+    for r in sorted({int(x) for x in rows}):
+        sig = (tuple(r > 4 * m for m in (token_dim, 2 * token_dim, width, 2 * width, 3 * width))
+               + (min(r // 32, 8), r % 16 == 0))
+        reps.setdefault(sig, r)
+    return sorted(reps.values())
+
+
+def launch_problem(arch: int, limit: int, dtype: torch.dtype, shapes: Dict,
+                   device="cpu") -> Optional[str]:
+    """:func:`fused_launch_problem` for compute capability ``arch`` allowing ``limit`` bytes of
+    shared memory per block; the step is recorded with tensors on ``device`` (needs the real
+    ``triton.jit``, not the interpreter)."""
+    records = {}
+    try:
+        for rows in representative_rows(shapes["rows"], shapes["width"], shapes["token_dim"]):
+            for rec in record_step(arch, dtype, int(rows), shapes["width"],
+                                                shapes["depth"], shapes["token_dim"],
+                                                device=device, limit=limit):
+                records.setdefault(rec.key(arch), rec)
+    except RuntimeError as e:  # no launch configuration fits this device at all
+        return str(e)
+    for rec in records.values():
+        res = compile_launch(rec, arch, registers=False)
+        what = f"kernel {rec.kernel} ({rec.call}, {rec.num_warps} warps, {rec.num_stages} stages)"
+        if "error" in res:
+            return f"{what} does not compile for sm_{arch}: {res['error']}"
+        if res["shared"] > limit:
+            return (f"{what} needs {res['shared']} B of shared memory per block; sm_{arch} "
+                    f"here allows {limit} B")
+    return None
 
 
 def main(argv=None):
