@@ -182,3 +182,18 @@ def test_mixed_batches_train_every_method(tmp_path, method):
                       beta=0.0)
     train(cfg)
     assert all(np.isfinite(r["loss"]) for r in read_metrics(cfg.output))
+
+
+def test_zero_bit_posterize_gives_black_as_the_reference_did():
+    """timm's PosterizeIncreasing at level 10 keeps 0 bits, which Pillow 13 refuses; the
+    reference's Pillow gave a black image. Planted bug checked: without the replacement
+    _posterize this raised ValueError('bits must be between ... 1 and 8')."""
+    ra = A.RandAugmentPerImage("rand-m10-n1-inc1", 16, "imagenet")
+    op = next(o for o in ra.transform.ops if o.name == "PosterizeIncreasing")
+    op.prob, op.magnitude_std = 1.0, 0.0
+    out = np.asarray(op(_pil(_images(n=1, h=16, w=16)[0])))
+    assert out.max() == 0
+    from PIL import ImageOps
+    img = _pil(_images(n=1, h=16, w=16)[0])
+    assert np.array_equal(np.asarray(A._posterize(img, 3)),
+                          np.asarray(ImageOps.posterize(img, 3)))

@@ -87,6 +87,17 @@ def timm_randaug_hparams(image_size: int, dataset: str):
                 img_mean=tuple(min(255, round(255 * m)) for m in mean))
 
 
+def _posterize(img, bits_to_keep, **_):
+    """timm's posterize, also for 0 bits: timm asks for 0 bits at low Posterize / high
+    PosterizeIncreasing levels, which Pillow 13 refuses (ValueError) where older Pillow, and
+    so the reference, gave a black image. Same mask as Pillow otherwise."""
+    if bits_to_keep >= 8:
+        return img
+    from PIL import Image
+    mask = (0xFF << (8 - max(int(bits_to_keep), 0))) & 0xFF
+    return Image.fromarray(np.asarray(img) & np.uint8(mask))
+
+
 class RandAugmentPerImage:
     """timm's RandAugment for one uint8 CHW training image, seeded per image. Pickles (the
     DataLoader's worker processes get a copy)."""
@@ -97,6 +108,9 @@ class RandAugmentPerImage:
         # a copy: timm writes into the hparams it is given
         self.transform = _timm().data.auto_augment.rand_augment_transform(
             policy, dict(self.hparams))
+        for op in self.transform.ops:  # see _posterize
+            if op.name.startswith("Posterize"):
+                op.aug_fn = _posterize
 
     def __call__(self, x: torch.Tensor, seed: int) -> torch.Tensor:
         from PIL import Image
