@@ -56,18 +56,27 @@ def make_jpegs(root: str, n: int, classes: int = 8, size=(500, 375)):
     open(marker, "w").close()
 
 
-def measure(loader, device, warmup: int, max_batches: int):
+def measure(loader, device, warmup: int, max_batches: int, min_seconds: float = 0.0):
+    """Images/s over at least ``max_batches`` batches and ``min_seconds`` of decoding (epochs
+    repeat until both hold: one short batch cannot support an images/s figure)."""
     loader.set_epoch(0)
     it = iter(loader)
     for _ in range(warmup):
         next(it)
     sync(device)
-    t0, n, b = time.perf_counter(), 0, 0
-    for x, _ in it:
-        n += x.shape[0]
-        b += 1
-        if b >= max_batches:
-            break
+    t0, n, b, epoch = time.perf_counter(), 0, 0, 0
+    while True:
+        for x, _ in it:
+            n += x.shape[0]
+            b += 1
+            if b >= max_batches and time.perf_counter() - t0 >= min_seconds:
+                break
+        else:
+            epoch += 1
+            loader.set_epoch(epoch)
+            it = iter(loader)
+            continue
+        break
     sync(device)
     return n / (time.perf_counter() - t0), n
 
@@ -83,6 +92,8 @@ def main(argv=None):
                     help="comma-separated DataLoader worker counts (default 1,2,4,...,cores)")
     ap.add_argument("--dali-threads", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--min-seconds", type=float, default=0.0,
+                    help="decode for at least this long per loader (repeating epochs)")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
 
@@ -107,7 +118,7 @@ def main(argv=None):
         threads = args.dali_threads or min(cores, 8)
         cfg = make_config(**common, data_backend="dali", workers=threads).resolved()
         loader = build_loaders(cfg, 0, 1, device).train
-        ips, n = measure(loader, device, args.warmup, max_batches)
+        ips, n = measure(loader, device, args.warmup, max_batches, args.min_seconds)
         where = "GPU (mixed nvJPEG decode)" if device.type == "cuda" else "CPU pipeline"
         rows.append({"loader": f"DALI, {where}", "workers_or_threads": threads,
                      "images_per_s": ips, "images_timed": n})
@@ -116,7 +127,7 @@ def main(argv=None):
     for w in counts:
         cfg = make_config(**common, data_backend="torch", workers=w).resolved()
         loader = build_loaders(cfg, 0, 1, device).train
-        ips, n = measure(loader, device, args.warmup, max_batches)
+        ips, n = measure(loader, device, args.warmup, max_batches, args.min_seconds)
         rows.append({"loader": "DataLoader + Pillow", "workers_or_threads": w,
                      "images_per_s": ips, "images_timed": n})
     best_dl = max(r.get("images_per_s", 0) for r in rows if r["loader"].startswith("DataLoader"))

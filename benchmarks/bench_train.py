@@ -8,7 +8,9 @@ One step = teacher forward (no grad), student forward, GenDD loss (contraction, 
 Inputs are random tensors already on the device, so this measures compute, not data loading
 (``bench_data.py`` does that).
 
-- reference: fp32, eager, NCHW, the reference head (DiffLoss), AdamW (for-each), TF32 off;
+- reference: fp32, eager, NCHW, the reference head (DiffLoss), AdamW (for-each), with the
+  official code's precision settings (PyTorch's defaults: cuDNN convolutions may use TF32,
+  matmuls do not);
 - gendd_fast: bf16 autocast, channels-last, the fused head (FusedDiffLoss; the reference head
   with a notice where Triton cannot run), fused AdamW on CUDA, optionally ``--compile``.
 
@@ -66,8 +68,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     device = pick_device(args.device)
+    # the reference's own setting: the official code leaves PyTorch's defaults (cuDNN
+    # convolutions may use TF32, matmuls do not)
     torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
     info = device_info(device)
     rows = []

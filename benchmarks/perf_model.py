@@ -50,10 +50,19 @@ def _rows(kernel, op, n_bytes):
 
 
 def step_kernels(rows: int, width: int = 1024, depth: int = 3, token_dim: int = 64,
-                 dtype: str = "bf16", steps: int = 1000) -> List[Dict]:
-    """Every Triton kernel of one forward + backward of FusedDiffLoss, in launch order (the
-    torch GEMMs of the time MLP and the condition embedding are left out: one per timestep /
-    image, not per row)."""
+                 dtype: str = "bf16", steps: int = 1000, version: str = "current",
+                 z: int = 256) -> List[Dict]:
+    """Every Triton kernel of one forward + backward of FusedDiffLoss, in launch order.
+    ``version="v0"``: the dataflow before the one-function step (per-op autograd functions)."""
+    if version == "current":
+        return step_kernels_current(rows, width, depth, token_dim, dtype, steps, z)
+    return step_kernels_v0(rows, width, depth, token_dim, dtype, steps)
+
+
+def step_kernels_v0(rows: int, width: int = 1024, depth: int = 3, token_dim: int = 64,
+                    dtype: str = "bf16", steps: int = 1000) -> List[Dict]:
+    """The per-op dataflow (the torch GEMMs of the time MLP and the condition embedding are
+    left out: one per timestep / image, not per row; the torch glue is measured separately)."""
     n, W, d, e = rows, width, token_dim, BYTES[dtype]
     steps = min(steps, rows)  # the time MLP runs once per distinct timestep
     M = 3 * W * depth + 2 * W  # modulation columns
@@ -89,6 +98,52 @@ def step_kernels(rows: int, width: int = 1024, depth: int = 3, token_dim: int = 
         k.append(_gemm(f"mod{i} dW", 3 * W, W, n, e, e, f4))
     k.append(_gemm("mod final dW", 2 * W, W, n, e, e, f4))
     k.append(_gemm("mod dy (SiLU')", n, W, M, e, e, f4, n * W * e))
+    return k
+
+
+def step_kernels_current(rows, width=1024, depth=3, token_dim=64, dtype="bf16", steps=1000,
+                         z=256, images=64):
+    """The one-function step (gendd_fast/kernels/head_step.py), launch order. The zeroing of the
+    partial-sum buffer and its final reduction are torch ops: step_accounting.py measures them
+    with the rest of the glue."""
+    n, W, d, e, T, B = rows, width, token_dim, BYTES[dtype], steps, images
+    M = 3 * W * depth + 2 * W
+    f4 = 4
+    k = [_gemm("time fc0 fwd", T, W, 256, e, e, e),
+         _gemm("time fc2 fwd (SiLU)", T, W, W, e, e, e),
+         _gemm("cond_embed fwd", B, W, z, f4, e, e),
+         _rows("_condition_kernel", "y = temb[t] + cond[i] + pos[k]", n * W * e + n * 24),
+         _gemm("modulation fwd (one GEMM)", n, M, W, e, e, e),
+         _gemm("input_proj fwd (noise in prologue)", n, W, d, 2 * f4, e, e, n * 8)]
+    for i in range(depth):
+        k.append(_rows("_ln_stats_kernel", f"block{i} LN stats", n * W * e + n * 8))
+        k.append(_gemm(f"block{i} fc1 fwd (LN-mod)", n, W, W, 3 * e, e, e))
+        k.append(_gemm(f"block{i} fc2 fwd (gate+res)", n, W, W, e, e, 2 * e, 2 * n * W * e))
+    k.append(_rows("_ln_stats_kernel", "final LN stats", n * W * e + n * 8))
+    k.append(_gemm("final fwd (LN-mod)", n, 2 * d, W, 3 * e, e, f4))
+    k.append(_rows("_diffusion_loss_kernel", "loss + dout", n * (2 * d * 4 * 2 + 2 * d * 4)))
+    k.append(_gemm("final dW", 2 * d, W, n, f4, 3 * e, f4))
+    k.append(_gemm("final du (+ bias sums)", n, W, 2 * d, f4, e, f4))
+    fold = 4 * e  # the gated-residual backward of the block below: v, gate read; dgate, dv written
+    k.append(_rows("_ln_mod_bwd_kernel", "final LN-mod bwd (+ gate bwd below)",
+                   n * W * (f4 + 2 * e + 3 * e + (fold if depth else 0))))
+    for i in reversed(range(depth)):
+        k.append(_gemm(f"block{i} fc2 dW (as SiLU(a)^T dv)", W, W, n, e, e, f4))
+        k.append(_gemm(f"block{i} fc2 da (SiLU', bias sums)", n, W, W, e, e, e, n * W * e))
+        k.append(_gemm(f"block{i} fc1 dW", W, W, n, e, 3 * e, f4))
+        k.append(_gemm(f"block{i} fc1 du", n, W, W, e, e, f4))
+        k.append(_rows("_ln_mod_bwd_kernel", f"block{i} LN-mod bwd" +
+                       (" (+ gate bwd below)" if i else ""),
+                       n * W * (f4 + 2 * e + 4 * e + (fold if i else 0))))
+    k.append(_gemm("input_proj dW (noise in prologue)", W, d, n, e, 2 * f4, f4, n * 8))
+    k.append(_gemm("modulation dW (one GEMM)", M, W, n, e, e, f4))
+    k.append(_gemm("modulation dy (SiLU', scatter into the tables)", n, W, M, e, e, 0,
+                   n * W * e + 3 * n * W * f4))
+    k.append(_gemm("time fc2 dW", W, W, T, f4, e, f4))
+    k.append(_gemm("time fc2 dh (SiLU')", T, W, W, f4, e, f4, T * W * e))
+    k.append(_gemm("time fc0 dW", W, 256, T, f4, e, f4))
+    k.append(_gemm("cond_embed dW", W, z, B, f4, f4, f4))
+    k.append(_gemm("cond_embed dz", B, z, W, f4, e, f4))
     return k
 
 

@@ -41,8 +41,9 @@ void check_shape(const at::Tensor& t, std::vector<int64_t> want, const char* nam
                     t.sizes(), ", expected ", at::IntArrayRef(want));
 }
 
-// Weights in the order sampler_ext.head_weights() gives them; every shape is checked here so a
-// mismatched head is a Python ValueError, never a crash inside a GEMM.
+// Weights in the order sampler_ext.head_weights() gives them (gendd_fast/head_layout.py names
+// them); every shape is checked here so a mismatched head is a Python ValueError, never a crash
+// inside a GEMM.
 Head unpack(const std::vector<at::Tensor>& w, int64_t depth) {
   TORCH_CHECK_VALUE(depth >= 1, "gendd_fast._C: depth must be >= 1, got ", depth);
   const int64_t expect = 9 + 8 * depth + 4;

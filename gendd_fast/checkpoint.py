@@ -19,6 +19,7 @@ checkpoints' RNG state, nothing that could run code (teacher files are routinely
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import os
@@ -39,6 +40,10 @@ class CheckpointError(ValueError):
 
 class UnsafeCheckpointError(CheckpointError):
     """A file that holds Python objects which could run code when unpickled: refused."""
+
+
+class MissingCheckpointError(CheckpointError, FileNotFoundError):
+    """A weights or checkpoint file that is not there."""
 
 
 class DiskFullError(CheckpointError, OSError):
@@ -127,20 +132,24 @@ def _unsafe_globals(path: str) -> List[str]:
 
 def _unsafe_message(path: str, what: str, names: List[str]) -> str:
     held = f" ({', '.join(names[:6])}{', ...' if len(names) > 6 else ''})" if names else ""
-    return (f"{what} {path!r} holds Python objects other than tensors and plain containers"
+    return (f"{what} {path!r} could not be read as tensors: it holds Python objects other than "
+            f"tensors and plain containers"
             f"{held}; unpickling them could run arbitrary code, so it was not loaded. If you "
             f"trust where the file came from, convert it once into a tensors-only copy with "
             f"'python -m gendd_fast.checkpoint --trust-and-convert {path} CONVERTED.pt' "
             f"and use CONVERTED.pt")
 
 
-def read_checkpoint(path: str, what: str = "checkpoint") -> Dict[str, Any]:
-    """Load a checkpoint or teacher file without executing anything it holds: tensors, plain
-    containers and :data:`SAFE_GLOBALS` only (``weights_only=True``)."""
+def read_checkpoint(path: str, what: str = "checkpoint", allow=()) -> Dict[str, Any]:
+    """Load a checkpoint or weights file without executing anything it holds: tensors, plain
+    containers and :data:`SAFE_GLOBALS` only (``weights_only=True``), plus the classes in
+    ``allow`` (the public GenDD reader lets its scripts' ``argparse.Namespace`` through). The one
+    reader of every file the package loads: --resume, --init, --teacher-checkpoint, teacher
+    weights, evaluate and the report."""
     if not path or not os.path.isfile(path):
-        raise CheckpointError(f"{what} {path!r} does not exist")
+        raise MissingCheckpointError(f"{what} {path!r} does not exist")
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
+        with torch.serialization.safe_globals(SAFE_GLOBALS + list(allow)):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         names = _unsafe_globals(path)
@@ -151,6 +160,73 @@ def read_checkpoint(path: str, what: str = "checkpoint") -> Dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - truncated, foreign, or not a torch file
         raise CheckpointError(f"{what} {path!r} could not be read ({type(e).__name__}: {e}); "
                               f"it may be truncated or not a torch checkpoint") from e
+
+
+# Where a weights file nests the model's state dict, in the order looked for: ours and the public
+# CIFAR scripts ('model'), the public ImageNet scripts and most trainers ('state_dict'), a
+# distiller's student ('student'), an EMA copy ('model_ema', torchvision's reference scripts).
+STATE_KEYS = ("model", "state_dict", "student", "model_ema")
+
+
+def strip_module(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Keys without DistributedDataParallel's ``module.`` prefix."""
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+
+
+def state_dict_in(obj: Any) -> Optional[Dict[str, torch.Tensor]]:
+    """The state dict inside a loaded file (nested under one of :data:`STATE_KEYS`, or bare),
+    ``module.`` prefixes removed; None when there is none (not a non-empty dict of tensors)."""
+    if isinstance(obj, dict):
+        for key in STATE_KEYS:
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or \
+            not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        return None
+    return strip_module(obj)
+
+
+def read_weights(path: str, what: str = "weights", allow=(), check=None
+                 ) -> Dict[str, torch.Tensor]:
+    """The state dict of a weights file (:func:`read_checkpoint`, then :func:`state_dict_in`).
+    ``check(loaded, path)``: a reason to refuse the whole file (e.g. :func:`unfinished_stage`)."""
+    loaded = read_checkpoint(path, what, allow)
+    why = check(loaded, path) if check is not None else None
+    if why:
+        raise CheckpointError(why)
+    state = state_dict_in(loaded)
+    if state is None:
+        raise CheckpointError(f"{what} {path!r} holds no state dict (expected "
+                              f"{{'model': state_dict}} or a bare state dict of tensors)")
+    return state
+
+
+def config_from_checkpoint(ckpt: Any, path: str):
+    """The :class:`Config` a training checkpoint of ours was written with (fields this version
+    does not know are dropped); a clear error for any other file. Used by evaluate and the
+    report."""
+    from .config import Config
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise CheckpointError(f"{path!r} is not a gendd_fast training checkpoint (no "
+                              f"'config'/'model')")
+    fields = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in ckpt["config"].items() if k in fields})
+
+
+def load_matching(state: Dict[str, torch.Tensor], student: torch.nn.Module, path: str,
+                  layout: str = "", error=CheckpointError) -> str:
+    """``--init``: the tensors of ``state`` that the student has, with the same shapes, loaded
+    non-strictly (stage 2 from stage 1; keys the student lacks are ignored). Returns a one-line
+    summary; an error when nothing matches."""
+    own = student.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    where = f" ({layout})" if layout else ""
+    if not usable:
+        raise error(f"initial weights {path!r}{where} share no parameter with the "
+                              f"student {type(student).__name__} - is it the right architecture?")
+    student.load_state_dict(usable, strict=False)
+    return f"loaded {len(usable)}/{len(own)} student tensors from {path}{where}"
 
 
 def split_state(state: Dict[str, torch.Tensor]):
@@ -196,22 +272,24 @@ def set_rng_state(s: Dict[str, Any]):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def load_student_weights(path: str, student: torch.nn.Module, strict: bool = False) -> str:
-    """Initialise a student from a checkpoint's ``model`` (stage 2 from stage 1). Non-strict:
-    keys the student lacks are ignored. Returns a one-line summary."""
-    ckpt = read_checkpoint(path, "initial weights")
-    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"initial weights {path!r} hold no state dict")
-    own = student.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
-    if not usable:
-        raise CheckpointError(f"initial weights {path!r} share no parameter with the student "
-                              f"{type(student).__name__} - is it the right architecture?")
-    if strict and len(usable) != len(own):
-        raise CheckpointError(f"initial weights {path!r} miss {len(own) - len(usable)} keys")
-    student.load_state_dict(usable, strict=False)
-    return f"loaded {len(usable)}/{len(own)} student tensors from {path}"
+def unfinished_stage(ckpt: Any, path: str) -> Optional[str]:
+    """Why ``path``, a ``last.pt``, must not start the next stage (None: its run finished, or it
+    is not one of our training checkpoints). The stage-1 to stage-2 handoff: a stage 1 stopped
+    by a signal exits 0, so ``stage1 && stage2`` would start stage 2 from half a stage 1."""
+    if os.path.basename(path) != "last.pt" or not isinstance(ckpt, dict):
+        return None
+    cfg, epoch, step = ckpt.get("config"), ckpt.get("epoch"), ckpt.get("step_in_epoch", 0)
+    if not isinstance(cfg, dict) or not isinstance(epoch, int) or \
+            not isinstance(cfg.get("epochs"), int):
+        return None
+    if (epoch >= cfg["epochs"] and step == 0) or (
+            cfg.get("max_steps") and ckpt.get("global_step", 0) >= cfg["max_steps"]):
+        return None
+    return (f"initial weights {path!r} are the last.pt of a run that did not finish (epoch "
+            f"{epoch + 1 if step else epoch} of {cfg['epochs']}" + (f", step {step}" if step else "")
+            + f"; stopped by a signal?): the next stage would start from half the previous one. "
+              f"Finish that run with --resume auto in {os.path.dirname(path) or '.'}, or start "
+              f"from its best.pt on purpose")
 
 
 def resume_path(resume: Optional[str], output: str) -> Optional[str]:
@@ -254,6 +332,72 @@ def fresh_run_refusal(output: str, overwrite: bool) -> Optional[str]:
             f"another --output, or pass --overwrite to replace it")
 
 
+# Files the trainer writes into OUTPUT: each must be a regular file that can be written, or be
+# absent. A directory named last.pt used to let a run train, then crash at its first save.
+OUTPUT_FILES = CHECKPOINT_NAMES + ("metrics.jsonl", "curves.png")
+
+
+def output_refusal(output: str) -> Optional[str]:
+    """Why this run cannot write its outputs into ``output`` (None: it can). Found before step
+    1: a read-only folder used to surface only when the first metrics or checkpoint were
+    written. The folder is tested by writing a file, which also holds for root and read-only
+    mounts, where permission bits say nothing."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=output, prefix=".write-test.", suffix=".tmp")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        return (f"output folder {output!r} cannot be written ({e.strerror or e}); choose a "
+                f"writable --output")
+    for name in OUTPUT_FILES:
+        p = os.path.join(output, name)
+        if os.path.lexists(p) and not os.path.isfile(p):
+            return (f"{p!r} exists but is not a regular file (a directory or a broken link); "
+                    f"the run could not write it. Remove or rename it, or choose another "
+                    f"--output")
+        if os.path.isfile(p) and name == "metrics.jsonl":
+            try:
+                open(p, "a").close()
+            except OSError as e:
+                return f"{p!r} cannot be written ({e.strerror or e}); fix it or choose another --output"
+    return None
+
+
+# The keys a resume reads, with their types: a hand-edited or foreign file fails here, naming
+# the key, instead of with a bare KeyError or TypeError somewhere in the resume.
+RESUME_KEYS = {"model": dict, "optimizer": dict, "scaler": dict, "schedule": dict,
+               "epoch": int, "step_in_epoch": int, "global_step": int, "world_size": int,
+               "config": dict, "best": dict, "rng": (list, tuple, dict)}
+
+
+def resume_state_problem(state: Any, path: str, epochs: int, steps_per_epoch: int
+                         ) -> Optional[str]:
+    """Why ``state`` cannot be resumed by a run of ``epochs`` x ``steps_per_epoch`` (None: it
+    can). ``step_in_epoch`` may equal ``steps_per_epoch``: a stop during the epoch-end
+    evaluation keeps the position before that evaluation."""
+    if not isinstance(state, dict):
+        return f"cannot resume from {path}: it holds a {type(state).__name__}, not a checkpoint"
+    for key, kind in RESUME_KEYS.items():
+        if key not in state:
+            return (f"cannot resume from {path}: the checkpoint has no {key!r} entry (is it a "
+                    f"training checkpoint of gendd_fast, not a weights-only file?)")
+        v = state[key]
+        if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+            want = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+            return (f"cannot resume from {path}: its {key!r} entry is a {type(v).__name__}, "
+                    f"expected a {want}")
+    ranges = {"epoch": (0, epochs), "step_in_epoch": (0, steps_per_epoch),
+              "global_step": (0, None), "world_size": (1, None)}
+    for key, (lo, hi) in ranges.items():
+        v = state[key]
+        if v < lo or (hi is not None and v > hi):
+            top = "" if hi is None else f"..{hi}"
+            return (f"cannot resume from {path}: {key} is {v}, outside {lo}{top}" +
+                    (f" (this run has {steps_per_epoch} steps per epoch)"
+                     if key == "step_in_epoch" else ""))
+    return None
+
+
 def remove_stale_temps(output: str) -> List[str]:
     """Delete the temporary files of checkpoint writes that were killed mid-way (atomic_save
     names them '.NAME.XXXX.tmp'). Call before this run writes anything. Returns what went."""
@@ -280,6 +424,29 @@ def nonfinite_names(state: Dict[str, torch.Tensor], limit: int = 5) -> List[str]
         return []
     flags = torch.stack([torch.isfinite(v).all() for _, v in items]).cpu()
     return [items[i][0] for i in torch.nonzero(~flags).flatten().tolist()[:limit]]
+
+
+def weight_problem(state: Dict[str, Any], own: Dict[str, torch.Tensor], path: str,
+                   what: str = "teacher") -> Optional[str]:
+    """Why the weights ``state`` read from ``path`` must not be loaded into a model whose own
+    state is ``own`` (None: they may). ``load_state_dict`` casts silently, so an int64 or
+    complex tensor where the model holds floats became plausible-looking floats; and a NaN
+    teacher surfaced only as a NaN loss at step 1, blamed on --lr. Integer buffers such as
+    BatchNorm's ``num_batches_tracked`` stay integers and are not flagged."""
+    wrong = [f"{k} ({state[k].dtype})" for k, v in own.items()
+             if k in state and isinstance(state[k], torch.Tensor) and v.is_floating_point()
+             and not state[k].is_floating_point()]
+    if wrong:
+        return (f"{what} checkpoint {path!r} holds non-float tensors where the model has float "
+                f"weights: {', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}; loading "
+                f"would cast them silently. Is it a weights file of this architecture?")
+    floats = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)
+              and (v.is_floating_point() or v.is_complex())}
+    bad = nonfinite_names({k: (v.abs() if v.is_complex() else v) for k, v in floats.items()})
+    if bad:
+        return (f"{what} checkpoint {path!r} holds NaN/Inf values in {', '.join(bad)}; the "
+                f"file is damaged or was saved from a diverged run. Use another {what} file")
+    return None
 
 
 def _is_good(path: str) -> Optional[int]:
@@ -397,17 +564,69 @@ def _plain(obj: Any, where: str, dropped: List[str]):
     return None
 
 
-def trust_and_convert(src: str, dst: str) -> List[str]:
+class _RecordingPickle:
+    """A ``pickle_module`` for torch.load that records every global the file imports (what a
+    trusted file was allowed to run), whatever the file's format (zip or legacy)."""
+
+    def __init__(self):
+        import pickle as _pickle
+        imported = self.imported = []
+
+        class Unpickler(_pickle.Unpickler):
+            def find_class(self, module, name):
+                imported.append(f"{module}.{name}")
+                return super().find_class(module, name)
+
+        self.Unpickler = Unpickler
+        self.__name__ = "pickle"
+
+    def load(self, fh, **kw):
+        return self.Unpickler(fh, **kw).load()
+
+    def __getattr__(self, name):  # anything else torch asks of the module
+        import pickle as _pickle
+        return getattr(_pickle, name)
+
+
+def _tensor_rebuilding(name: str) -> bool:
+    """Globals every torch file imports to rebuild tensors: listing them would hide the rest."""
+    return (name.startswith(("torch._utils._rebuild", "torch.storage.", "torch._tensor."))
+            or (name.startswith("torch.") and name.endswith("Storage"))
+            or name == "collections.OrderedDict")
+
+
+def trust_and_convert(src: str, dst: str):
     """Load ``src`` with full unpickling (runs whatever it holds: only for files you trust) and
-    write ``dst`` holding only tensors and plain containers. Returns the dropped entries."""
-    obj = torch.load(src, map_location="cpu", weights_only=False)
+    write ``dst`` holding only tensors and plain containers. Returns (dropped entries, the
+    globals the file imported beyond torch's own tensor rebuilding)."""
+    if not os.path.isfile(src):
+        raise CheckpointError(f"--trust-and-convert: input {src!r} does not exist or is not a "
+                              f"file")
+    if os.path.isdir(dst) or (os.path.dirname(os.path.abspath(dst))
+                              and not os.path.isdir(os.path.dirname(os.path.abspath(dst)))):
+        raise CheckpointError(f"--trust-and-convert: output {dst!r} must be a file path in an "
+                              f"existing folder" + (" (it is a directory)"
+                                                    if os.path.isdir(dst) else ""))
+    recorder = _RecordingPickle()
+    try:
+        obj = torch.load(src, map_location="cpu", weights_only=False, pickle_module=recorder)
+    except Exception as e:  # noqa: BLE001 - truncated, foreign, or not a torch file
+        raise CheckpointError(f"--trust-and-convert: {src!r} could not be read "
+                              f"({type(e).__name__}: {e}); it may be truncated or not a torch "
+                              f"checkpoint") from None
     dropped: List[str] = []
-    atomic_save(_plain(obj, "file", dropped), dst)
-    return dropped
+    try:
+        atomic_save(_plain(obj, "file", dropped), dst)
+    except OSError as e:
+        raise CheckpointError(f"--trust-and-convert: cannot write {dst!r} "
+                              f"({e.strerror or e})") from None
+    allowed = sorted({g for g in recorder.imported if not _tensor_rebuilding(g)})
+    return dropped, allowed
 
 
 def _main(argv=None):
     import argparse
+    import sys
     p = argparse.ArgumentParser(prog="python -m gendd_fast.checkpoint",
                                 description="Checkpoint utilities.")
     p.add_argument("--trust-and-convert", nargs=2, metavar=("TRUSTED_IN", "OUT"), required=True,
@@ -416,9 +635,16 @@ def _main(argv=None):
                         "the trainer loads with weights_only=True")
     a = p.parse_args(argv)
     src, dst = a.trust_and_convert
-    dropped = trust_and_convert(src, dst)
+    try:
+        dropped, allowed = trust_and_convert(src, dst)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(f"wrote {dst}" + (f"; dropped non-tensor objects: {', '.join(dropped)}"
                             if dropped else ""))
+    print("the trusted file imported " + (", ".join(allowed) if allowed else
+                                          "nothing beyond torch's tensor rebuilding")
+          + " while it was loaded")
 
 
 if __name__ == "__main__":

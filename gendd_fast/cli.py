@@ -13,6 +13,8 @@ from typing import List, Optional
 
 from .config import config_from_args
 from .models import list_models
+from . import signal_policy
+from .signal_policy import StopRequested
 from .train import train
 
 
@@ -21,22 +23,32 @@ def train_main(argv: Optional[List[str]] = None):
     ``--list-models`` prints the zoo, anything else trains."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv:
-        from .demo import run_demo
-        return run_demo()
+        return _demo()
     cfg, args = config_from_args(argv)
     if args.list_models:
         print("\n".join(list_models()))
         return None
     if args.demo:
-        from .demo import run_demo
-        return run_demo()
+        return _demo()
     return train(cfg)
+
+
+def _demo():
+    """The demo's stages are train() calls; between them (the handoff) a signal stops the demo
+    at once instead of killing it or raising KeyboardInterrupt (each train() honours it inside)."""
+    from .demo import run_demo
+    with signal_policy.installed({"signal": None, "phase": "set-up"}):
+        return run_demo()
 
 
 def train_cli():
     """``train_main`` with the errors a user can fix printed as one line (exit status 2)."""
     try:
         train_main()
+    except StopRequested as e:  # the signal policy: a clean stop, not an error
+        print(f"gendd_fast: {e}; the checkpoints on disk are whole (writes are atomic): run "
+              f"the same command with --resume auto to continue", file=sys.stderr)
+        sys.exit(0)
     except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -57,3 +69,6 @@ def evaluate_cli():
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # nothing is written until the end: stopping loses nothing
+        print("gendd_fast: evaluation stopped by SIGINT; nothing was written", file=sys.stderr)
+        sys.exit(130)

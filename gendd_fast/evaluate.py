@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
 from .distill import method
 from .distributed import all_reduce_sum
 from .precision import autocast_for, resolve_amp
+from .signal_policy import EvaluationStopped
 
 
 # ImageNet-LT's groups (Liu et al., 2019): classes with more than 100 training images are
@@ -60,13 +61,16 @@ def training_class_counts(cfg, num_classes: Optional[int] = None) -> Optional[to
 @torch.no_grad()
 def evaluate(distiller, loader, device: torch.device, amp: str = "off", sample: bool = False,
              sample_kw: Optional[Dict] = None, max_batches: Optional[int] = None,
-             class_counts: Optional[torch.Tensor] = None, noise_seed: int = 0) -> Dict:
+             class_counts: Optional[torch.Tensor] = None, noise_seed: int = 0,
+             should_stop: Optional[Callable[[int], bool]] = None) -> Dict:
     """Top-1/top-5 (%) over the loader, summed over ranks. Keys: top1, top5 and, when sampling,
     sample_top1, sample_top5; n is the number of images scored. With ``class_counts`` (training
     images per class) also many/medium/few-shot top-1 per prediction (``many``,
     ``sample_many``, ...): the hits of the held-out images of each group over their number.
     Sampling noise is keyed by (``noise_seed``, image index, draw): the same checkpoint scores
-    the same from the trainer and from ``gendd_fast.evaluate``."""
+    the same from the trainer and from ``gendd_fast.evaluate``.
+    ``should_stop(b)`` is asked before batch ``b`` (the trainer's signal policy): True gives up
+    the pass with :class:`~gendd_fast.signal_policy.EvaluationStopped`."""
     was_training = distiller.training
     distiller.eval()
     counts: Dict[str, torch.Tensor] = {}
@@ -81,6 +85,9 @@ def evaluate(distiller, loader, device: torch.device, amp: str = "off", sample: 
     for b, (x, y) in enumerate(loader):
         if max_batches is not None and b >= max_batches:
             break
+        if should_stop is not None and should_stop(b):
+            distiller.train(was_training)
+            raise EvaluationStopped(b)
         kw = dict(sample_kw or {})
         if sample:
             kw.update(image_ids=_batch_ids(ids, start, y.numel()), noise_seed=noise_seed)
@@ -174,21 +181,11 @@ def format_results(results: Dict, draws: int = 1, selected_by: str = "top1",
 def add_evaluation_options(p: argparse.ArgumentParser):
     """The options every evaluation entry shares: where the data is, how to sample, where to
     run. Each maps to the Config field of the same name (see :func:`evaluation_overrides`)."""
-    p.add_argument("--data-path", default=None, help="dataset root, if it moved")
-    p.add_argument("--val-path", default=None, help="separate evaluation root")
-    p.add_argument("--val-list", default=None, help="'path label' list of evaluation images")
-    p.add_argument("--sampling-steps", default=None, help="respacing, e.g. 64 or 100")
-    p.add_argument("--ddim-steps", type=int, default=None, help="sample with DDIM instead")
-    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale")
-    p.add_argument("--temperature", type=float, default=None, help="sampling noise temperature")
-    p.add_argument("--num-sampling", type=int, default=None,
-                   help="draws averaged per image before classifying")
+    from .config import EVALUATION_FIELDS, add_field_option
+    for name, flag in EVALUATION_FIELDS:  # Config declares which (config.option's evaluate)
+        add_field_option(p, name, flag, "(default: the checkpoint's)")
     p.add_argument("--no-sample", action="store_true", help="student classifiers only")
-    p.add_argument("--batch-size", type=int, default=None, help="evaluation batch per process")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--amp", default=None, choices=["auto", "bf16", "fp16", "off"])
-    p.add_argument("--head", default=None, choices=["auto", "fused", "torch"])
-    p.add_argument("--workers", type=int, default=None, help="data loading workers")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the sampling noise (default: the run's --seed, so the number "
                         "matches the trainer's final evaluation)")
@@ -196,11 +193,8 @@ def add_evaluation_options(p: argparse.ArgumentParser):
 
 def evaluation_overrides(args) -> Dict:
     """Config fields the shared options override (None: keep the checkpoint's value)."""
-    return {"data_path": args.data_path, "val_path": args.val_path, "val_list": args.val_list,
-            "sampling_steps": args.sampling_steps, "ddim_steps": args.ddim_steps,
-            "cfg": args.cfg, "temperature": args.temperature,
-            "num_sampling": args.num_sampling, "eval_batch_size": args.batch_size,
-            "amp": args.amp, "head": args.head, "workers": args.workers}
+    from .config import EVALUATION_FIELDS
+    return {name: getattr(args, name) for name, _ in EVALUATION_FIELDS}
 
 
 def rebuild_for_evaluation(ckpt: Dict, cfg, overrides: Dict, device_pref: str, seed: int):
@@ -245,21 +239,20 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     from .build import configure_sampler, sampling_kwargs
-    from .checkpoint import read_checkpoint
-    from .config import Config
+    from .checkpoint import CheckpointError, config_from_checkpoint, read_checkpoint
     from .public_checkpoint import as_trainer_checkpoint, read_public
 
-    fields = {f.name for f in dataclasses.fields(Config)}
     public = read_public(args.checkpoint)
     if public is not None:
         cfg, ckpt = _public_config(args, public), as_trainer_checkpoint(public)
     else:
         ckpt = read_checkpoint(args.checkpoint)
-        if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        try:
+            cfg = config_from_checkpoint(ckpt, args.checkpoint)
+        except CheckpointError:
             raise SystemExit(f"error: {args.checkpoint!r} is neither a gendd_fast training "
                              f"checkpoint (no 'config'/'model') nor one of the public GenDD code "
-                             f"(no 'model.*' student keys)")
-        cfg = Config(**{k: v for k, v in ckpt["config"].items() if k in fields})
+                             f"(no 'model.*' student keys)") from None
     over = dict(evaluation_overrides(args), train_list=args.train_list,
                 shot_split=args.shot_split)
     seed = cfg.seed if args.seed is None else args.seed

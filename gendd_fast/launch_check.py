@@ -58,12 +58,13 @@ class Launch:
     num_warps: int
     num_stages: int
     call: str = ""  # which op launched it (GEMM shape, operand dtypes)
+    ctas: int = 0   # programs in the grid (the same binary may launch with other grids)
 
     def key(self, arch: int) -> str:
         blob = json.dumps([self.fn.cache_key, self.signature,
                            sorted(map(repr, self.constexprs.items())),
                            sorted(map(repr, self.attrs.items())), self.num_warps, self.num_stages,
-                           arch, triton.__version__], sort_keys=True)
+                           arch, triton.__version__, "wgmma-v2"], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
     def constexpr_values(self) -> Dict[str, object]:
@@ -72,7 +73,7 @@ class Launch:
 
     def describe(self) -> Dict:
         ptrs = {k: v for k, v in self.signature.items() if v.startswith("*")}
-        return dict(kernel=self.kernel, call=self.call, num_warps=self.num_warps,
+        return dict(kernel=self.kernel, call=self.call, ctas=self.ctas, num_warps=self.num_warps,
                     num_stages=self.num_stages, constexprs={k: str(v) for k, v in
                                                             self.constexpr_values().items()},
                     pointer_dtypes=ptrs)
@@ -109,8 +110,13 @@ def recording(arch: int, limit: Optional[int] = None):
         bound, spec, options = binders[self](*args, **kwargs)
         options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound, spec,
                                                                 options)
+        g = grid(bound) if callable(grid) else grid
+        ctas = 1
+        for x in g:
+            ctas *= int(x)
         records.append(Launch(self, self.__name__, signature, constexprs, attrs,
-                              options.num_warps, options.num_stages, _describe_call(bound)))
+                              options.num_warps, options.num_stages, _describe_call(bound),
+                              ctas))
 
     JITFunction.run = record
     try:
@@ -120,8 +126,8 @@ def recording(arch: int, limit: Optional[int] = None):
         JITFunction.run = original
 
 
-_MODES = {0: "plain", 1: "silu", 2: "lnmod", 3: "mul"}
-_EPIS = {0: "store", 1: "gate_residual", 2: "silu_grad"}
+_MODES = {0: "plain", 1: "silu", 2: "lnmod", 3: "mul", 4: "noise"}
+_EPIS = {0: "store", 1: "gate_residual", 2: "silu_grad", 3: "scatter"}
 
 
 def _describe_call(bound) -> str:
@@ -228,7 +234,13 @@ def compile_launch(rec: Launch, arch: int, use_cache: bool = True, registers: bo
         spills = [(int(a), int(b)) for a, b in _PTXAS_SPILL.findall(text)]
         if not regs:
             raise RuntimeError(f"no register count in the ptxas log:\n{text[-2000:]}")
+        ttgir = k.asm.get("ttgir", "")
         res = dict(shared=int(k.metadata.shared), registers=max(regs),
+                   # sm_90: the dot as wgmma, and how many wgmma groups stay in flight at
+                   # the wait (0: each MMA waits for itself; 1: it overlaps the next K step)
+                   wgmma="warp_group_dot" in ttgir,
+                   wgmma_pendings=max((int(x) for x in re.findall(r"pendings = (\d+)", ttgir)),
+                                      default=None),
                    spill_stores=max((a for a, _ in spills), default=0),
                    spill_loads=max((b for _, b in spills), default=0))
     except Exception as e:  # noqa: BLE001 - a kernel that does not compile is a finding
@@ -242,6 +254,8 @@ def compile_launch(rec: Launch, arch: int, use_cache: bool = True, registers: bo
     os.replace(tmp, path)
     return res
 
+
+GEMM_KERNELS = ("_fused_matmul_kernel", "_matmul_kernel")  # one body, two argument lists
 
 # The data-centre GPUs the step is tuned for: their bf16 / fp16 GEMMs must not spill.
 SPILL_FREE_ARCHS = (80, 90, 100)
@@ -265,7 +279,7 @@ def check(res: Dict, rec: Launch, arch: int) -> List[str]:
 
 def is_hot_gemm(rec: Launch) -> bool:
     """A bf16 / fp16 GEMM: the kernels that carry the step, held to no spills."""
-    if rec.kernel != "_fused_matmul_kernel":
+    if rec.kernel not in GEMM_KERNELS:
         return False
     return str(rec.constexpr_values().get("DOT_DTYPE")) in ("bf16", "fp16")
 
@@ -299,7 +313,7 @@ def run_matrix(combos, use_cache=True, jobs=1, log=print) -> Dict:
         bad = check(res, rec, arch)
         problems += bad
         rows.append(dict(arch=arch, dtype=dname, shape=shape, **rec.describe(), **res,
-                         ok=not bad))
+                         ok=not bad, waves_132=round(rec.ctas / 132, 3)))
     return dict(rows=rows, problems=problems, worst=worst_case(rows))
 
 
@@ -319,7 +333,7 @@ def worst_case(rows) -> Dict:
             w.update(max_registers=r["registers"],
                      max_registers_at=f"{r['dtype']} {r['kernel']} {r['call']}")
         w["max_spill_stores"] = max(w["max_spill_stores"], r["spill_stores"])
-        if r["dtype"] != "fp32" and r["kernel"] == "_fused_matmul_kernel":
+        if r["dtype"] != "fp32" and r["kernel"] in GEMM_KERNELS:
             w["max_spill_stores_hot"] = max(w["max_spill_stores_hot"], r["spill_stores"])
     return out
 

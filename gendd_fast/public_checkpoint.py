@@ -23,6 +23,9 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from .checkpoint import (load_matching, read_checkpoint, read_weights, state_dict_in,
+                         unfinished_stage)
+
 TOP = ("model.", "classifier.", "cls_projector.", "diffloss.", "proj.")
 BUFFERS = ("cls_centers", "chunk_idx")
 
@@ -32,24 +35,9 @@ class PublicCheckpointError(ValueError):
 
 
 def read(path: str) -> Any:
-    """``torch.load`` without executing anything; the CIFAR scripts' ``argparse.Namespace`` is
-    the one class let through (it only holds the run's options)."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def unwrap(obj: Any) -> Optional[Dict[str, torch.Tensor]]:
-    """The state dict inside a loaded file (``state_dict`` or ``model`` nesting, ``module.``
-    prefixes removed), or None when there is none."""
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not obj or \
-            not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        return None
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+    """:func:`checkpoint.read_checkpoint`, with the CIFAR scripts' ``argparse.Namespace`` the one
+    class let through (it only holds the run's options)."""
+    return read_checkpoint(path, "checkpoint", allow=[argparse.Namespace])
 
 
 def is_public(state: Optional[Dict[str, torch.Tensor]]) -> bool:
@@ -62,7 +50,7 @@ def read_public(path: str) -> Optional[Dict[str, torch.Tensor]]:
     """The state dict of ``path`` when it is a public GenDD checkpoint, else None (any other
     file, including gendd_fast's own checkpoints, is left to the caller's loader)."""
     try:
-        state = unwrap(read(path))
+        state = state_dict_in(read(path))
     except Exception:  # noqa: BLE001 - not loadable this way: not a public checkpoint
         return None
     return state if is_public(state) else None
@@ -112,20 +100,15 @@ def inferred_config(state: Dict[str, torch.Tensor]) -> Dict[str, Any]:
 
 
 def load_student_weights(path: str, student: torch.nn.Module) -> str:
-    """``--init``: a public checkpoint's ``model.*`` into the student (non-strict, as the
-    public code reloads stage 1); any other file goes to the trainer's own loader."""
+    """``--init`` (the one loader of it): the student's tensors of a checkpoint of ours (its
+    ``model``) or of a public GenDD checkpoint (its ``model.*``), non-strictly, as the public
+    code reloads stage 1."""
     state = read_public(path)
     if state is None:
-        from .checkpoint import load_student_weights as own_loader
-        return own_loader(path, student)
-    src, own = student_state(state), student.state_dict()
-    usable = {k: v for k, v in src.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
-    if not usable:
-        raise PublicCheckpointError(
-            f"initial weights {path!r} (public GenDD layout) share no parameter with the student "
-            f"{type(student).__name__} - is it the right architecture?")
-    student.load_state_dict(usable, strict=False)
-    return f"loaded {len(usable)}/{len(own)} student tensors from {path} (public GenDD layout)"
+        return load_matching(read_weights(path, "initial weights", check=unfinished_stage),
+                             student, path)
+    return load_matching(student_state(state), student, path, "public GenDD layout",
+                         PublicCheckpointError)
 
 
 def load_teacher_weights(path: str, model: torch.nn.Module, what: str = "teacher"):
@@ -149,5 +132,9 @@ def load_public_teacher(state: Dict[str, torch.Tensor], model: torch.nn.Module, 
             f"{what} checkpoint {path!r} (public GenDD layout): its model.* does not match "
             f"{type(model).__name__}: {len(missing)} missing keys {missing[:5]}, "
             f"{len(unexpected)} unexpected keys {unexpected[:5]}")
+    from .checkpoint import weight_problem
+    why = weight_problem(sub, model.state_dict(), path, what)
+    if why:
+        raise PublicCheckpointError(why)
     model.load_state_dict(sub)
     return {"model": sub}

@@ -33,10 +33,9 @@ from .evaluate import add_evaluation_options, describe_sampling, evaluation_over
 DDPM_STEPS = (100, 64, 32, 16)
 DDIM_STEPS = (50, 25, 10, 5)
 # Config fields that do not make two runs different recipes.
-NOT_RECIPE = {"seed", "output", "resume", "data_path", "val_path", "train_list", "val_list",
-              "workers", "log_interval", "tensorboard", "plot", "progress", "max_steps",
-              "save_every", "eval_batch_size", "sample_eval", "eval_every", "data_backend",
-              "skip_bad_images", "teacher_checkpoint", "init", "compile", "opt_impl", "device"}
+# The fields outside a recipe (seed, device and what does not change the run): Config declares
+# them (config.option's ``recipe``), so a new field lands on the right side by itself.
+from .config import NOT_RECIPE  # noqa: E402
 METRICS = ("sample_top1", "sample_top5", "top1", "top5")
 
 
@@ -98,16 +97,11 @@ class Run:
 def load_run(path: str, overrides: Dict, device_pref: str, seed: Optional[int]) -> Run:
     """A trainer checkpoint rebuilt in the order evaluate uses (seed, data, model, weights),
     so results match ``python -m gendd_fast.evaluate``."""
-    from .checkpoint import read_checkpoint
-    from .config import Config
+    from .checkpoint import config_from_checkpoint, read_checkpoint
     from .evaluate import rebuild_for_evaluation
 
     ckpt = read_checkpoint(path)
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"{path!r} is not a gendd_fast training checkpoint (no 'config'/"
-                         f"'model')")
-    fields = {f.name for f in dataclasses.fields(Config)}
-    cfg = Config(**{k: v for k, v in ckpt["config"].items() if k in fields})
+    cfg = config_from_checkpoint(ckpt, path)
     seed = cfg.seed if seed is None else seed  # the run's own: matches its trainer's number
     try:
         cfg, env, loaders, distiller = rebuild_for_evaluation(ckpt, cfg, overrides,

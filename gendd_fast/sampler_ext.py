@@ -13,6 +13,7 @@ from typing import List, Optional
 
 import torch
 
+from .head_layout import head_tensors, modulation_layers
 from .layout import folder
 from .notice import notice
 
@@ -59,24 +60,15 @@ def available() -> bool:
 
 
 def head_weights(net) -> List[torch.Tensor]:
-    """The head's tensors in the order ``_C.sample_loop`` unpacks them."""
-    w = [net.time_embed.mlp[0].weight, net.time_embed.mlp[0].bias, net.time_embed.mlp[2].weight,
-         net.time_embed.mlp[2].bias, net.cond_embed.weight, net.cond_embed.bias,
-         net.pos_embed.weight, net.input_proj.weight, net.input_proj.bias]
-    for b in net.res_blocks:
-        w += [b.in_ln.weight, b.in_ln.bias, b.mlp[0].weight, b.mlp[0].bias, b.mlp[2].weight,
-              b.mlp[2].bias, b.adaLN_modulation[1].weight, b.adaLN_modulation[1].bias]
-    f = net.final_layer
-    w += [f.adaLN_modulation[1].weight, f.adaLN_modulation[1].bias, f.linear.weight,
-          f.linear.bias]
-    return [t.detach() for t in w]
+    """The head's tensors in the order ``_C.sample_loop`` unpacks them (head_layout.head_tensor_names)."""
+    return head_tensors(net)
 
 
 def stacked_modulation(net):
     """Every adaLN modulation weight stacked for one GEMM, ``(W, 11W)`` and ``(11W,)`` at depth
     3, with the ``+1`` of ``1 + scale`` folded into the scale segments of the bias. Cached on the
     head until any of those weights changes (an optimizer step bumps their version)."""
-    layers = [b.adaLN_modulation[1] for b in net.res_blocks] + [net.final_layer.adaLN_modulation[1]]
+    layers = modulation_layers(net)
     params = [t for m in layers for t in (m.weight, m.bias)]
     key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
     cached = net.__dict__.get("_gendd_stacked_modulation")

@@ -29,10 +29,13 @@ from .distill import method
 from .distributed import (all_gather_object, all_reduce_max, any_rank, broadcast_object,
                           init_distributed, shutdown)
 from .evaluate import describe_sampling, evaluate, format_results, training_class_counts
+from .signal_policy import EvaluationStopped
 from .logs import MetricsLog, Progress, fmt_time, plot_curves
 from .notice import notice
 from .optim import LRSchedule, build_optimizer
 from .precision import autocast_for, resolve_amp
+from .run_lock import RunLock, RunLockError, describe as describe_holder
+from . import signal_policy
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -41,14 +44,12 @@ class NonFiniteLoss(FloatingPointError):
 
 def train(cfg: Config) -> Dict:
     """Train as ``cfg`` says; returns the final metrics (rank 0's view)."""
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        return Trainer(cfg).run()
-    finally:  # a caller's own SIGTERM handling comes back once training is over
+    trainer = Trainer(cfg)
+    with signal_policy.installed(trainer.stop):
         try:
-            signal.signal(signal.SIGTERM, previous)
-        except (ValueError, TypeError):
-            pass
+            return trainer.run()
+        finally:  # every exit path, an exception included, frees the output folder
+            trainer.release_lock()
 
 
 def no_buffer_sync_kwargs() -> Dict:
@@ -69,11 +70,12 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.results: Dict = {}
-        self.stop = {"signal": None}                  # set by the SIGTERM handler
+        self.stop = {"signal": None, "phase": "set-up"}  # the signal policy's record
         self.stopping = False                         # the stop all ranks agreed on
         self.epoch, self.start_step, self.global_step = 0, 0, 0
         self.best = {"score": -1.0, "epoch": -1}  # the checkpoint kept as best.pt
         self.resumed_from: Optional[str] = None
+        self.lock: Optional[RunLock] = None          # OUTPUT/.gendd.lock, rank 0 only
 
     def run(self) -> Dict:
         self.set_up()
@@ -85,7 +87,8 @@ class Trainer:
             if not epoch_done:  # stopped mid-epoch (max-steps or a signal): keep the position
                 self.save(self.epoch, self.step)
                 break
-            self.evaluate_and_save()
+            if not self.evaluate_and_save():  # a signal during the evaluation: saved, stop
+                break
             self.epoch += 1
             finished = self.global_step >= self.total_steps or self.stop_agreed()
         self.final_evaluation()
@@ -93,6 +96,9 @@ class Trainer:
 
     # -- set-up ---------------------------------------------------------------------------------
     def set_up(self):
+        if self.cfg.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available on this machine "
+                             "(torch.cuda.is_available() is False); use --device cpu or auto")
         self.env = env = init_distributed(self.cfg.device)
         self.cfg = cfg = self.cfg.resolved()
         self.device, self.main_rank = env.device, env.is_main
@@ -118,6 +124,19 @@ class Trainer:
         """Before anything is built: refuse a fresh run over a folder's checkpoint (one decision,
         rank 0's, for every rank) and remove temporary files of writes that were killed."""
         cfg = self.cfg
+        why = None
+        if self.main_rank:  # first the lock: a second run must not touch the first one's files
+            try:
+                self.lock = RunLock(cfg.output).acquire()
+                if self.lock.stale:
+                    notice(f"took over the lock of a run that is no longer running "
+                           f"({describe_holder(self.lock.stale)}) in {cfg.output}")
+                why = ckpt_io.output_refusal(cfg.output)
+            except RunLockError as e:
+                why = str(e)
+        why = broadcast_object(why)
+        if why:
+            raise ckpt_io.CheckpointError(why)
         fresh = ckpt_io.resume_path(cfg.resume, cfg.output) is None
         why = ckpt_io.fresh_run_refusal(cfg.output, cfg.overwrite) \
             if fresh and self.main_rank else None
@@ -136,6 +155,11 @@ class Trainer:
                 notice(f"removed {len(gone)} temporary file(s) of interrupted checkpoint "
                        f"writes in {cfg.output}")
 
+    def release_lock(self):
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
     # -- resume ---------------------------------------------------------------------------------
     def resume(self):
         cfg = self.cfg
@@ -149,6 +173,9 @@ class Trainer:
         if not path:
             return
         state = ckpt_io.read_checkpoint(path, "resume checkpoint")
+        why = ckpt_io.resume_state_problem(state, path, cfg.epochs, self.steps_per_epoch)
+        if why:
+            raise ckpt_io.CheckpointError(why)
         diff = config_diff(state.get("config", {}), dataclasses.asdict(cfg))
         if diff:
             raise ckpt_io.CheckpointError(
@@ -182,6 +209,8 @@ class Trainer:
     # -- what the loop needs: DDP, logs, autocast, sampler, signals -------------------------------
     def prepare_loop(self):
         cfg, env = self.cfg, self.env
+        # from here on a signal is recorded and honoured at the next step or evaluation batch
+        signal_policy.set_phase(self.stop, "training")
         self.model: nn.Module = self.distiller
         if env.enabled:
             self.model = nn.parallel.DistributedDataParallel(
@@ -200,7 +229,6 @@ class Trainer:
         configure_sampler(self.distiller, cfg)
         self.bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self.check_every = 1 if self.device.type == "cpu" else max(cfg.log_interval, 1)
-        self._install_signal_handler()
         self.prepare_evaluation()
         self.t_run = time.time()
         if self.main_rank:
@@ -212,18 +240,6 @@ class Trainer:
                    + (f", head {type(self.distiller.head).__name__}"
                       if self.distiller.head is not None else ""))
             notice(f"images {describe_pipeline(cfg)}")
-
-    def _install_signal_handler(self):
-        """A SIGTERM (pre-emption) saves 'last' at the next step boundary, then exits cleanly."""
-        if not (self.main_rank or self.env.enabled):
-            return
-
-        def on_signal(signum, _frame):
-            self.stop["signal"] = signum
-        try:
-            signal.signal(signal.SIGTERM, on_signal)
-        except ValueError:  # not the main thread (e.g. called from a notebook worker)
-            pass
 
     def stop_agreed(self) -> bool:
         """Whether to stop, decided for all ranks at once (an all-reduce of the stop flags):
@@ -337,17 +353,34 @@ class Trainer:
         self.eval_kw = dict(self.sample_kw, num_sampling=1)  # during training: one draw
 
     def _evaluate(self, sample: bool, sample_kw: Dict) -> Dict:
+        """One evaluation pass; a stop agreed before any batch gives it up (EvaluationStopped).
+        Ranks may hold one batch more or less of held-out data: the stop is asked (a
+        collective) only over the batches every rank has."""
+        common = -int(all_reduce_max(torch.tensor(-len(self.loaders.val), device=self.device)))
         return evaluate(self.distiller, self.loaders.val, self.device, self.amp, sample=sample,
                         sample_kw=sample_kw, class_counts=self.class_counts,
-                        noise_seed=self.cfg.seed)
+                        noise_seed=self.cfg.seed,
+                        should_stop=lambda b: b < common and self.stop_agreed())
 
-    def evaluate_and_save(self):
-        """At the end of an epoch: evaluate when due, track the best, save 'last' (and 'best')."""
+    def evaluate_and_save(self) -> bool:
+        """At the end of an epoch: evaluate when due, track the best, save 'last' (and 'best').
+        Returns False when a signal stopped the evaluation: then 'last' holds the position
+        before it (the epoch's last step, the RNG as it was), so a resume evaluates again."""
         cfg, epoch = self.cfg, self.epoch
         last_epoch = epoch + 1 == cfg.epochs or self.global_step >= self.total_steps
         is_best = False
         if self.loaders.val is not None and ((epoch + 1) % cfg.eval_every == 0 or last_epoch):
-            res = self._evaluate(self.sample_during, self.eval_kw)
+            rng_before = ckpt_io.rng_state()
+            try:
+                res = self._evaluate(self.sample_during, self.eval_kw)
+            except EvaluationStopped:
+                ckpt_io.set_rng_state(rng_before)
+                self.save(epoch, self.steps_per_epoch)
+                if self.main_rank:
+                    notice(f"stopped by {signal_policy.name(self.stop['signal'])} during the "
+                           f"evaluation of epoch {epoch + 1}; saved {cfg.output}/last.pt "
+                           f"before it: --resume auto evaluates it again and continues")
+                return False
             score = res[self.select_by]
             best = self.best.get("score", self.best.get("top1", -1.0))
             is_best = score > best
@@ -364,6 +397,7 @@ class Trainer:
                 self.log.write("val", self.global_step, epoch=epoch + 1,
                                **{k: v for k, v in res.items() if k != "n"})
         self.save(epoch + 1, 0, is_best)
+        return True
 
     def checkpoint_state(self, epoch: int, step_in_epoch: int, rngs) -> Dict:
         model, extra = ckpt_io.split_state(self.distiller.state_dict())
@@ -407,24 +441,32 @@ class Trainer:
         scored by sampling with ``--num-sampling`` draws per image (linear probe beside it);
         other methods report the last and the best evaluation they had."""
         cfg = self.cfg
-        if not (self.loaders.val is not None and not self.stop_agreed()
-                and self.epoch >= cfg.epochs and self.best["epoch"] > 0):
+        if not (self.loaders.val is not None and self.epoch >= cfg.epochs
+                and self.best["epoch"] > 0):
             return
         last = dict(self.results)
         best = {k: v for k, v in self.best.items() if k not in ("score", "metric")}
+        if self.stop_agreed():
+            return self._final_stopped(last, ["last", "best"] if self.sample_final else [])
         if self.sample_final:
             t0 = time.time()
             kw = dict(self.sample_kw, num_sampling=cfg.num_sampling)
             reuse = self.sample_during and cfg.num_sampling == 1  # scored so already
-            if not (reuse and "sample_top1" in last):
-                last = self._evaluate(True, kw)
-            if self.best["epoch"] == self.epoch:  # best.pt holds the last model's weights
-                best = dict(last, epoch=self.epoch)
-            elif reuse and "sample_top1" in best:
-                pass
-            else:
-                best = dict(self._evaluate_checkpoint(os.path.join(cfg.output, "best.pt"), kw),
-                            epoch=self.best["epoch"])
+            try:
+                if not (reuse and "sample_top1" in last):
+                    last = self._evaluate(True, kw)
+            except EvaluationStopped:
+                return self._final_stopped(last, ["last", "best"])
+            try:
+                if self.best["epoch"] == self.epoch:  # best.pt holds the last model's weights
+                    best = dict(last, epoch=self.epoch)
+                elif reuse and "sample_top1" in best:
+                    pass
+                else:
+                    best = dict(self._evaluate_checkpoint(os.path.join(cfg.output, "best.pt"),
+                                                          kw), epoch=self.best["epoch"])
+            except EvaluationStopped:
+                return self._final_stopped(dict(last, num_sampling=cfg.num_sampling), ["best"])
             if self.main_rank:
                 steps = cfg.ddim_steps or cfg.sampling_steps
                 how = describe_sampling(kw, steps, cfg.num_sampling)
@@ -440,6 +482,25 @@ class Trainer:
                            **{k: v for k, v in best.items() if k != "n"})
         self.results = dict(last)
         self.results.update({f"best_{k}": v for k, v in best.items() if k != "n"})
+
+    def _final_stopped(self, last: Dict, missing):
+        """A signal during the final evaluation: write what was scored, mark the rest missing
+        (a 'final_missing' record in metrics.jsonl and a line). The checkpoints are complete,
+        so --resume auto runs the final evaluation again."""
+        what = {"last": "the last model", "best": "best.pt"}
+        if self.main_rank:
+            if "last" not in missing and last:
+                self.log.write("val", self.global_step, epoch=self.epoch,
+                               **{k: v for k, v in last.items() if k != "n"})
+            self.log.write("final_missing", self.global_step, epoch=self.epoch,
+                           missing=list(missing), signal=signal_policy.name(self.stop["signal"]))
+            notice(f"final evaluation stopped by {signal_policy.name(self.stop['signal'])}: "
+                   + (f"not scored: {', '.join(what[m] for m in missing)} (marked missing in "
+                      f"metrics.jsonl)" if missing else "nothing was left to score")
+                   + f"; the checkpoints in {self.cfg.output} are complete, --resume auto runs "
+                     f"the final evaluation again")
+        self.results = dict(last) if "last" not in missing else {}
+        self.results["final_missing"] = list(missing)
 
     def _evaluate_checkpoint(self, path: str, sample_kw: Dict) -> Dict:
         """Evaluate the weights in ``path`` with this run's model, then put the current weights

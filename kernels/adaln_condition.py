@@ -17,8 +17,10 @@ from .utils import empty, next_pow2, row_block, tl, triton
 if triton is not None:
 
     @triton.jit
-    def _condition_kernel(TEMB, st, TI, COND, sc, CI, POS, sp, K, Y, sy, n_rows, W,
+    def _condition_kernel(TEMB, st, TI, COND, sc, CI, CB, NB, POS, sp, K, Y, sy, n_rows, W,
                           ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
+        """Row r: temb[ti] + cond[ci] + pos[k], where a row with ci >= NB (a dropped
+        condition) reads CB (cond_embed's bias) instead of a cond row."""
         cols = tl.arange(0, BLOCK_W)
         cmask = cols < W
         for i in range(ROWS):
@@ -28,7 +30,10 @@ if triton is not None:
                 ci = tl.load(CI + r)
                 k = tl.load(K + r)
                 y = tl.load(TEMB + ti * st + cols, mask=cmask, other=0.0).to(tl.float32)
-                y += tl.load(COND + ci * sc + cols, mask=cmask, other=0.0).to(tl.float32)
+                if ci < NB:
+                    y += tl.load(COND + ci * sc + cols, mask=cmask, other=0.0).to(tl.float32)
+                else:
+                    y += tl.load(CB + cols, mask=cmask, other=0.0).to(tl.float32)
                 y += tl.load(POS + k * sp + cols, mask=cmask, other=0.0).to(tl.float32)
                 tl.store(Y + r * sy + cols, y.to(Y.dtype.element_ty), mask=cmask)
 
@@ -43,7 +48,8 @@ class AdaLNConditionFunction(torch.autograd.Function):
         y = empty((n, W), temb.device, out_dtype)
         rows = row_block(n)
         _condition_kernel[(triton.cdiv(n, rows),)](
-            temb, temb.stride(0), ti, cond, cond.stride(0), ci, pos, pos.stride(0), k, y,
+            temb, temb.stride(0), ti, cond, cond.stride(0), ci, cond, cond.shape[0], pos,
+            pos.stride(0), k, y,
             y.stride(0), n, W, ROWS=rows, BLOCK_W=next_pow2(W))
         ctx.save_for_backward(ti, ci, k)
         ctx.shapes = (temb.shape[0], cond.shape[0], pos.shape[0])
@@ -70,6 +76,18 @@ def adaln_condition(temb, ti, cond, ci, pos, k, out_dtype=None):
     """(N, W) conditions ``temb[ti] + cond[ci] + pos[k]`` (see the module docstring)."""
     return AdaLNConditionFunction.apply(temb, ti.contiguous(), cond, ci.contiguous(), pos,
                                         k.contiguous(), out_dtype or temb.dtype)
+
+
+def condition_rows(temb, ti, cond, ci, cond_bias, pos, k, out_dtype):
+    """Forward only (the one-function head step does its own backward): (N, W) rows
+    ``temb[ti] + cond[ci] + pos[k]``, with ``ci == len(cond)`` reading ``cond_bias``."""
+    n, W = ti.shape[0], temb.shape[1]
+    y = empty((n, W), temb.device, out_dtype)
+    rows = row_block(n)
+    _condition_kernel[(triton.cdiv(n, rows),)](
+        temb, temb.stride(0), ti, cond, cond.stride(0), ci, cond_bias, cond.shape[0], pos,
+        pos.stride(0), k, y, y.stride(0), n, W, ROWS=rows, BLOCK_W=next_pow2(W))
+    return y
 
 
 def adaln_condition_reference(temb, ti, cond, ci, pos, k):

@@ -35,8 +35,12 @@ if triton is not None:
 
     @triton.jit
     def _diffusion_loss_kernel(OUT, so, X0, sx0, XT, sxt, EPS, se, T, TAB, LOSS, DOUT, sdo,
-                               n_rows, D, NEED_GRAD: tl.constexpr, ROWS: tl.constexpr,
+                               n_rows, D, grad_scale, NEED_GRAD: tl.constexpr,
+                               XT_FROM_NOISE: tl.constexpr, ROWS: tl.constexpr,
                                BLOCK_D: tl.constexpr):
+        """XT_FROM_NOISE: x_t is re-formed from x0 and the noise (table columns 0 and 1, as
+        the noise injection does) instead of read. DOUT is scaled by ``grad_scale`` (1 / rows
+        when the caller takes the mean)."""
         INV_LN2: tl.constexpr = 1.4426950408889634
         GELU_C: tl.constexpr = 1.5957691216057308  # 2 * sqrt(2 / pi)
         cols = tl.arange(0, BLOCK_D)
@@ -54,8 +58,11 @@ if triton is not None:
                 e_hat = tl.load(OUT + r * so + cols, mask=cm, other=0.0).to(tl.float32)
                 vv = tl.load(OUT + r * so + D + cols, mask=cm, other=0.0).to(tl.float32)
                 x0 = tl.load(X0 + r * sx0 + cols, mask=cm, other=0.0).to(tl.float32)
-                xt = tl.load(XT + r * sxt + cols, mask=cm, other=0.0).to(tl.float32)
                 eps = tl.load(EPS + r * se + cols, mask=cm, other=0.0).to(tl.float32)
+                if XT_FROM_NOISE:
+                    xt = tl.load(TAB + t * 8) * x0 + tl.load(TAB + t * 8 + 1) * eps
+                else:
+                    xt = tl.load(XT + r * sxt + cols, mask=cm, other=0.0).to(tl.float32)
                 diff = tl.where(cm, eps - e_hat, 0.0)
                 mse = tl.sum(diff * diff, axis=0) / D
                 # the model's reverse step from the detached eps_hat
@@ -93,8 +100,8 @@ if triton is not None:
                 vb = tl.sum(tl.where(cm, term, 0.0), axis=0) / D * INV_LN2
                 tl.store(LOSS + r, mse + vb)
                 if NEED_GRAD:
-                    tl.store(DOUT + r * sdo + cols, -2.0 * diff / D, mask=cm)
-                    dv = dterm * INV_LN2 / D * 0.5 * (lb - lpc)
+                    tl.store(DOUT + r * sdo + cols, -2.0 * diff / D * grad_scale, mask=cm)
+                    dv = dterm * INV_LN2 / D * 0.5 * (lb - lpc) * grad_scale
                     tl.store(DOUT + r * sdo + D + cols, dv, mask=cm)
 
 
@@ -112,8 +119,8 @@ class DiffusionLossFunction(torch.autograd.Function):
         rows = row_block(n)
         _diffusion_loss_kernel[(triton.cdiv(n, rows),)](
             out, out.stride(0), x0, x0.stride(0), x_t, x_t.stride(0), eps, eps.stride(0),
-            t.contiguous(), tables, loss, dout, dout.stride(0) if need else 0, n, d,
-            NEED_GRAD=need, ROWS=rows, BLOCK_D=next_pow2(d))
+            t.contiguous(), tables, loss, dout, dout.stride(0) if need else 0, n, d, 1.0,
+            NEED_GRAD=need, XT_FROM_NOISE=False, ROWS=rows, BLOCK_D=next_pow2(d))
         if need:
             ctx.save_for_backward(dout)
         ctx.out_dtype = out.dtype
@@ -128,6 +135,20 @@ class DiffusionLossFunction(torch.autograd.Function):
 def diffusion_loss(out, x0, x_t, eps, t, tables):
     """Per-row ``mse + vb`` (N,) for head output ``out`` (N, 2d); gradients reach ``out`` only."""
     return DiffusionLossFunction.apply(out, x0, x_t, eps, t, tables)
+
+
+def loss_rows(out, x0, eps, t, tables, grad_scale: float):
+    """Forward only, x_t re-formed from ``x0`` and ``eps``: per-row losses (N,) and their
+    gradient with respect to ``out`` times ``grad_scale`` (the one-function head step)."""
+    n, d2 = out.shape
+    loss = empty(n, out.device, torch.float32)
+    dout = empty((n, d2), out.device, torch.float32)
+    rows = row_block(n)
+    _diffusion_loss_kernel[(triton.cdiv(n, rows),)](
+        out, out.stride(0), x0, x0.stride(0), x0, x0.stride(0), eps, eps.stride(0), t, tables,
+        loss, dout, dout.stride(0), n, d2 // 2, grad_scale, NEED_GRAD=True, XT_FROM_NOISE=True,
+        ROWS=rows, BLOCK_D=next_pow2(d2 // 2))
+    return loss, dout
 
 
 def diffusion_loss_reference(diffusion, out, x0, x_t, eps, t):

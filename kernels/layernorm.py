@@ -7,7 +7,7 @@ row by row here.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 
@@ -32,9 +32,19 @@ if triton is not None:
 
     @triton.jit
     def _ln_mod_bwd_kernel(DU, sdu, H, sh, MEAN, RSTD, LNW, LNB, SCALE, ssc,
-                           G, sg, DH, sdh, DSHIFT, sds, DSCALE, sdsc, PW, PB, n_rows, W,
-                           HAS_AFFINE: tl.constexpr, HAS_RESID: tl.constexpr,
+                           G, sg, DH, sdh, DSHIFT, sds, DSCALE, sdsc, PART, sp, o_lw, o_lb,
+                           o_sh, o_sc, o_dh, V2, sv2, GATE2, sgt2, DGATE2, sdg2, DV2, sdv2,
+                           o_g, o_gb,
+                           n_rows, W, HAS_AFFINE: tl.constexpr, HAS_RESID: tl.constexpr,
+                           MOD_SUMS: tl.constexpr, DH_SUM: tl.constexpr, GATE: tl.constexpr,
                            ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
+        """Per row: dshift, dscale, dh (+ the residual g). Per program, column partial sums
+        into PART[pid, o_* + col]: d ln_w / d ln_b (HAS_AFFINE), d shift / d scale (MOD_SUMS,
+        the modulation's bias gradient), dh (DH_SUM). GATE: dh is the output gradient of the
+        gated residual ``h = h_prev + gate2 * v2`` below, whose backward is folded in here:
+        dgate2 = dh * v2 (written, and summed into o_g) and dv2 = dh * gate2 (written: the plain
+        A operand of that layer's two backward GEMMs; summed into o_gb, the bias gradient of
+        the layer that produced v2)."""
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_W)
         cmask = cols < W
@@ -43,6 +53,11 @@ if triton is not None:
             lb = tl.load(LNB + cols, mask=cmask, other=0.0).to(tl.float32)
         acc_w = tl.zeros((BLOCK_W,), dtype=tl.float32)
         acc_b = tl.zeros((BLOCK_W,), dtype=tl.float32)
+        acc_sh = tl.zeros((BLOCK_W,), dtype=tl.float32)
+        acc_sc = tl.zeros((BLOCK_W,), dtype=tl.float32)
+        acc_dh = tl.zeros((BLOCK_W,), dtype=tl.float32)
+        acc_g = tl.zeros((BLOCK_W,), dtype=tl.float32)
+        acc_gb = tl.zeros((BLOCK_W,), dtype=tl.float32)
         for i in range(ROWS):
             r = pid * ROWS + i
             if r < n_rows:
@@ -57,9 +72,12 @@ if triton is not None:
                 else:
                     n = xhat
                 # u = n * (1 + scale) + shift
+                dsc = du * n
                 tl.store(DSHIFT + r * sds + cols, du.to(DSHIFT.dtype.element_ty), mask=cmask)
-                tl.store(DSCALE + r * sdsc + cols, (du * n).to(DSCALE.dtype.element_ty),
-                         mask=cmask)
+                tl.store(DSCALE + r * sdsc + cols, dsc.to(DSCALE.dtype.element_ty), mask=cmask)
+                if MOD_SUMS:
+                    acc_sh += du
+                    acc_sc += dsc
                 dn = du * sc1
                 if HAS_AFFINE:
                     acc_w += dn * xhat
@@ -73,10 +91,33 @@ if triton is not None:
                 dh = rstd * (dxhat - c1 - xhat * c2)
                 if HAS_RESID:
                     dh += tl.load(G + r * sg + cols, mask=cmask, other=0.0).to(tl.float32)
-                tl.store(DH + r * sdh + cols, dh.to(DH.dtype.element_ty), mask=cmask)
+                dh = dh.to(DH.dtype.element_ty)
+                tl.store(DH + r * sdh + cols, dh, mask=cmask)
+                dh = dh.to(tl.float32)  # what the layers below read
+                if DH_SUM:
+                    acc_dh += dh
+                if GATE:
+                    v2 = tl.load(V2 + r * sv2 + cols, mask=cmask, other=0.0).to(tl.float32)
+                    g2 = tl.load(GATE2 + r * sgt2 + cols, mask=cmask, other=0.0).to(tl.float32)
+                    dg = dh * v2
+                    tl.store(DGATE2 + r * sdg2 + cols, dg.to(DGATE2.dtype.element_ty),
+                             mask=cmask)
+                    acc_g += dg
+                    dv = dh * g2
+                    tl.store(DV2 + r * sdv2 + cols, dv.to(DV2.dtype.element_ty), mask=cmask)
+                    acc_gb += dv
+        base = PART + pid * sp + cols
         if HAS_AFFINE:
-            tl.store(PW + pid * W + cols, acc_w, mask=cmask)
-            tl.store(PB + pid * W + cols, acc_b, mask=cmask)
+            tl.store(base + o_lw, acc_w, mask=cmask)
+            tl.store(base + o_lb, acc_b, mask=cmask)
+        if MOD_SUMS:
+            tl.store(base + o_sh, acc_sh, mask=cmask)
+            tl.store(base + o_sc, acc_sc, mask=cmask)
+        if DH_SUM:
+            tl.store(base + o_dh, acc_dh, mask=cmask)
+        if GATE:
+            tl.store(base + o_g, acc_g, mask=cmask)
+            tl.store(base + o_gb, acc_gb, mask=cmask)
 
     @triton.jit
     def _gate_bwd_kernel(G, sg, V, sv, GATE, sgate, DGATE, sdg, PB, n_rows, W,
@@ -111,26 +152,43 @@ def ln_stats(x: torch.Tensor, eps: float):
 
 def ln_mod_backward(du, h, mean, rstd, scale, dshift_out, dscale_out,
                     ln_w: Optional[torch.Tensor] = None, ln_b: Optional[torch.Tensor] = None,
-                    g: Optional[torch.Tensor] = None):
+                    g: Optional[torch.Tensor] = None, part: Optional[torch.Tensor] = None,
+                    offsets: Optional[Dict[str, int]] = None, gate_below=None,
+                    dh_dtype=None):
     """Backward of ``u = (LN(h) [* ln_w + ln_b]) * (1 + scale) + shift`` given ``du``.
 
-    Writes d shift and d scale into the given (possibly strided) outputs and returns
-    ``(dh [+ g], d ln_w, d ln_b)`` (the last two None without affine)."""
+    Writes d shift and d scale into the given (possibly strided) outputs. Without ``part``
+    returns ``(dh [+ g], d ln_w, d ln_b)`` (the last two None without affine). With ``part``
+    (the step's partial-sum buffer) the column sums go there at ``offsets`` (keys ``lw``,
+    ``lb``, ``sh``, ``sc``, ``dh``, ``g``, ``gb``; a missing key is not computed) and only dh is
+    returned; ``gate_below = (v2, gate2, dgate2_out, dv2_out)`` folds in the gated-residual backward of
+    the block below (see the kernel)."""
     n, W = h.shape
     rows = row_block(n)
     progs = triton.cdiv(n, rows)
-    dh = empty_like(h)
+    dh = empty((n, W), h.device, dh_dtype or h.dtype)
     affine = ln_w is not None
-    pw = empty((progs, W), h.device, torch.float32) if affine else dh
-    pb = empty((progs, W), h.device, torch.float32) if affine else dh
+    own = part is None
+    if own:
+        part = empty((progs, 2 * W), h.device, torch.float32) if affine else dh
+        offsets = dict(lw=0, lb=W) if affine else {}
+    o = offsets or {}
+    v2, g2, dg2, dv2 = gate_below if gate_below is not None else (dh, dh, dh, dh)
     gg = g if g is not None else du
     _ln_mod_bwd_kernel[(progs,)](
         du, du.stride(0), h, h.stride(0), mean, rstd, ln_w if affine else mean,
         ln_b if affine else mean, scale, scale.stride(0), gg, gg.stride(0), dh, dh.stride(0),
-        dshift_out, dshift_out.stride(0), dscale_out, dscale_out.stride(0), pw, pb, n, W,
-        HAS_AFFINE=affine, HAS_RESID=g is not None, ROWS=rows, BLOCK_W=next_pow2(W))
+        dshift_out, dshift_out.stride(0), dscale_out, dscale_out.stride(0), part,
+        part.stride(0), o.get("lw", 0), o.get("lb", 0), o.get("sh", 0), o.get("sc", 0),
+        o.get("dh", 0), v2, v2.stride(0), g2, g2.stride(0), dg2, dg2.stride(0), dv2,
+        dv2.stride(0), o.get("g", 0),
+        o.get("gb", 0), n, W, HAS_AFFINE=affine, HAS_RESID=g is not None,
+        MOD_SUMS="sh" in o, DH_SUM="dh" in o, GATE=gate_below is not None, ROWS=rows,
+        BLOCK_W=next_pow2(W))
+    if not own:
+        return dh
     if affine:
-        return dh, pw.sum(0), pb.sum(0)
+        return dh, part[:, :W].sum(0), part[:, W:].sum(0)
     return dh, None, None
 
 

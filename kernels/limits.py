@@ -54,6 +54,8 @@ def shared_memory_limit(device: torch.device) -> int:
     """Bytes of shared memory one block may use on ``device`` (or on the simulated arch)."""
     if _simulated is not None:
         return _simulated
+    if getattr(device, "type", None) == "cpu":  # the common interpreter case, without a parse
+        return SHARED_MEMORY_OPTIN[90]
     device = torch.device(device)
     if device.type == "cuda":
         return _cuda_limit(device.index if device.index is not None else

@@ -1,6 +1,7 @@
 """Helpers shared by the kernels: where Triton can run, dtypes, launch sizes."""
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -16,9 +17,15 @@ except ImportError:  # a machine without Triton still imports gendd_fast
     HAS_TRITON = False
 
 
+@functools.lru_cache(maxsize=None)
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0") == "1"
+
+
 def interpreting() -> bool:
-    """Triton's interpreter runs kernels on CPU tensors (tests); it must be set before import."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Triton's interpreter runs kernels on CPU tensors (tests); it must be set before import,
+    so the environment is read once per process (not once per launch)."""
+    return _env_flag("TRITON_INTERPRET")
 
 
 def unavailable_reason(device: torch.device) -> Optional[str]:
@@ -36,8 +43,8 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
 
 def poisoning() -> bool:
     """GENDD_FAST_POISON=1 (tests): kernel outputs start as NaN, so an element a kernel fails
-    to write shows up instead of passing as leftover memory."""
-    return os.environ.get("GENDD_FAST_POISON", "0") == "1"
+    to write shows up instead of passing as leftover memory. Read once per process."""
+    return _env_flag("GENDD_FAST_POISON")
 
 
 def empty(shape, device, dtype) -> torch.Tensor:

@@ -1,17 +1,17 @@
 """Shared helpers for the trainer tests: tiny configs and a saved random teacher."""
 import json
 import os
+import sys
 
+import numpy as np
 import torch
+import torch.nn as nn
+from PIL import Image
 
+from gendd_fast import DiffLoss
+from gendd_fast import checkpoint as ckpt_io
 from gendd_fast.config import make_config
 from gendd_fast.models import create_model
-from gendd_fast import DiffLoss
-from PIL import Image
-from gendd_fast import checkpoint as ckpt_io
-import torch.nn as nn
-import numpy as np
-import sys
 
 TEACHER = "resnet8"   # 64-wide feature: two tokens of 32
 STUDENT = "resnet8"

@@ -90,6 +90,7 @@ def test_corrupt_image_is_named(tmp_path):
         d.mkdir(parents=True)
         Image.new("RGB", (40, 30), (200, 10, 10)).save(d / "good.jpg")
         (d / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+        _images(tmp_path / split / "b", ["good.png"])  # a single class is refused by itself
     cfg = make_config(method="ce", dataset="imagefolder", data_path=str(tmp_path)).resolved()
     train_ds, _, _ = build_datasets(cfg)
     bad = [i for i, s in enumerate(train_ds.samples) if s[0].endswith("broken.jpg")][0]

@@ -63,7 +63,8 @@ def test_bench_data(tmp_path):
 @pytest.mark.parametrize("script,baseline", [("bench_sampler.py", "reference"),
                                              ("bench_head.py", "reference"),
                                              ("bench_train.py", "reference"),
-                                             ("bench_data.py", "DataLoader")])
+                                             ("bench_data.py", "DataLoader"),
+                                             ("step_accounting.py", "reference")])
 def test_help_names_the_baseline(script, baseline, capsys):
     mod = runpy.run_path(os.path.join(BENCH, script), run_name="bench")
     with pytest.raises(SystemExit):

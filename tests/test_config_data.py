@@ -163,6 +163,27 @@ def test_webdataset_shards(tmp_path):
     assert x.shape == (3, 16, 16) and y == -1  # unlabelled
 
 
+def test_ranges_and_choices_come_from_the_field_declarations():
+    """field_range / field_choices answer from each field's one declaration, and validation
+    checks every declared range (a new field with a range is checked without more code).
+    Planted: smooth declared without its range: the [0, 1) refusal below passes silently."""
+    import dataclasses
+    from gendd_fast.config import Config, Range, field_choices, field_range, validate
+    assert field_range("smooth") == Range(0, 1, hi_open=True)
+    assert field_range("lr") == Range(0) and field_range("student") is None
+    assert field_choices("amp") == ("auto", "bf16", "fp16", "off")
+    assert "gendd" in field_choices("method")
+    for f in dataclasses.fields(Config):
+        r = field_range(f.name)
+        if r is None:
+            continue
+        bad = r.lo - 1 if r.lo is not None else r.hi + 1
+        with pytest.raises(ValueError, match=f"--{f.name.replace('_', '-')} must be "):
+            validate(dataclasses.replace(Config(teacher="resnet8"), **{f.name: bad}))
+    with pytest.raises(ValueError, match=r"--smooth must be in \[0, 1\), got 1.0"):
+        validate(Config(teacher="resnet8", smooth=1.0))
+
+
 def test_data_path_without_dataset_is_inferred_with_a_notice_or_refused(tmp_path, capsys):
     """Planted bug checked: without infer_dataset_notice the folder trained the built-in digits
     (dataset 'digits') and the first assertion failed."""

@@ -1,15 +1,17 @@
 """gendd_fast.data.datasets: the CIFAR reader (real pickle layouts, no code run from a file,
 labels out of range named) and corrupt images named, in the main process and in a worker."""
-from gendd_fast.data import BadImageError, DatasetError, build_datasets
-from gendd_fast.data.datasets import load_cifar_arrays
-from gendd_fast.config import make_config
-import numpy as np
 import os
 import pickle
-import pytest
 import subprocess
+
+import numpy as np
+import pytest
 import torch
-from helpers import _Payload, _env, _folder_cmd, _image_folder
+
+from gendd_fast.config import make_config
+from gendd_fast.data import BadImageError, DatasetError, build_datasets
+from gendd_fast.data.datasets import load_cifar_arrays
+from helpers import _env, _folder_cmd, _image_folder, _Payload
 
 
 # Hostile input and faults (moved from the campaign file test_hardening.py): no code runs from a

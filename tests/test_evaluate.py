@@ -1,15 +1,17 @@
 """gendd_fast.evaluate: top-1/top-5 counting, the cross-rank sum of a sharded evaluation, the
 training mode restored, and sampled logits averaged before classifying."""
-from gendd_fast.distill.distillers import Distiller
-from gendd_fast.evaluate import evaluate
 import json
-import torch.nn as nn
 import os
-import pytest
 import socket
 import subprocess
 import sys
+
+import pytest
 import torch
+import torch.nn as nn
+
+from gendd_fast.distill.distillers import Distiller
+from gendd_fast.evaluate import evaluate
 from helpers import _small_gendd
 
 

@@ -94,3 +94,19 @@ def test_readme_rows_name_recipes_that_load():
     for published in ("72.38", "73.78", "82.34", "71.24", "71.91", "71.44", "73.19", "81.68",
                       "81.83", "67.89", "51.60", "66.90"):
         assert published in section, published
+
+
+def test_a_seed_trained_with_overwrite_has_the_same_recipe_key():
+    """The report's recipe and the run's identity come from one declaration (config.option):
+    --overwrite, --shot-split and --num-sampling decide how a run is written or evaluated, not
+    what it trains, so a seed rerun with --overwrite is a seed of the same recipe. Planted: the
+    old hand-kept NOT_RECIPE (which lacked overwrite) put that seed in a row of its own."""
+    import dataclasses
+    from gendd_fast.config import NOT_RECIPE, RUN_IDENTITY_EXCLUDED, Config
+    from gendd_fast.report import recipe_key
+    a = dataclasses.asdict(Config(seed=0))
+    b = dataclasses.asdict(Config(seed=1, overwrite=True, output="runs/other"))
+    assert recipe_key(a) == recipe_key(b)
+    assert recipe_key(a) != recipe_key(dataclasses.asdict(Config(seed=0, lr=2e-3)))
+    # the recipe is the run's identity less the seed and the device
+    assert NOT_RECIPE == RUN_IDENTITY_EXCLUDED | {"seed", "device"}

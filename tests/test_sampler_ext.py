@@ -157,3 +157,31 @@ def test_bf16_weights_on_cpu_stay_close_to_fp32_reference():
     assert out.dtype == torch.float32
     rel = ((out - ref).abs().max() / ref.abs().max()).item()
     assert rel < 3e-2, rel  # bf16 GEMMs, fp32 state and update
+
+
+def test_head_layout_names_every_tensor_once_in_the_extension_order():
+    """head_layout.head_tensor_names covers the head's parameters exactly once, and head_weights
+    hands the extension those tensors in that order. Planted: two block names swapped in
+    HEAD_BLOCK ("in_ln.weight" and "mlp.0.weight": the C++ unpack would then read a LayerNorm
+    weight as a GEMM): the shape check
+    below fails."""
+    from gendd_fast.head_layout import head_tensor_names, modulation_layers
+    from gendd_fast.sampler_ext import head_weights
+    head = DiffLoss(16, 8, 2, 32, "4", 3)
+    names = head_tensor_names(2)
+    params = dict(head.net.named_parameters())
+    assert sorted(names) == sorted(params) and len(set(names)) == len(names)
+    got = head_weights(head.net)
+    net = head.net  # the order csrc/sampler.cpp's unpack reads, spelt out by module
+    want = [net.time_embed.mlp[0].weight, net.time_embed.mlp[0].bias,
+            net.time_embed.mlp[2].weight, net.time_embed.mlp[2].bias, net.cond_embed.weight,
+            net.cond_embed.bias, net.pos_embed.weight, net.input_proj.weight, net.input_proj.bias]
+    for b in net.res_blocks:
+        want += [b.in_ln.weight, b.in_ln.bias, b.mlp[0].weight, b.mlp[0].bias, b.mlp[2].weight,
+                 b.mlp[2].bias, b.adaLN_modulation[1].weight, b.adaLN_modulation[1].bias]
+    f = net.final_layer
+    want += [f.adaLN_modulation[1].weight, f.adaLN_modulation[1].bias, f.linear.weight,
+             f.linear.bias]
+    assert [t.data_ptr() for t in got] == [t.data_ptr() for t in want]
+    assert [tuple(t.shape) for t in got] == [tuple(t.shape) for t in want]
+    assert [tuple(m.weight.shape) for m in modulation_layers(head.net)] == [(96, 32)] * 2 + [(64, 32)]

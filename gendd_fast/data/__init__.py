@@ -11,6 +11,7 @@ from .datasets import (ArrayDataset, BadImageError, DatasetError, ImageFileDatas
                        WebDatasetShards, check_labels, load_cifar_arrays, load_digits_arrays,
                        read_file_list, scan_image_folder, synthetic_arrays)
 from ..notice import notice
+from .pixels import UnknownRangeError, refuse_unknown_range
 from .loader import DeviceNormalizer, EpochSampler, TorchLoader
 
 __all__ = ["build_loaders", "build_datasets", "Loaders", "BadImageError", "DatasetError",
@@ -71,6 +72,17 @@ def build_datasets(cfg):
     if cfg.num_classes is not None and cfg.num_classes < nc:
         raise DatasetError(f"--num-classes {cfg.num_classes} is smaller than the {nc} classes "
                            f"of the {cfg.dataset} data")
+    if nc < 2:  # --num-classes 1 is refused; data with one class must be too (top-1 is 100%)
+        raise DatasetError(f"the {cfg.dataset} data at {cfg.data_path!r} has a single class; "
+                           f"classification needs at least 2 (top-1 would be 100% whatever "
+                           f"the model learns). Check the folder or list")
+    if not cfg.skip_bad_images:  # both data paths: a file whose range is unknown, named now
+        for ds in (train, val):
+            if isinstance(ds, ImageFileDataset):
+                try:
+                    refuse_unknown_range([s[0] for s in ds.samples])
+                except UnknownRangeError as e:
+                    raise BadImageError(str(e)) from None
     return train, val, nc
 
 

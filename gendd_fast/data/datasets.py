@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import folder_scan
+from .pixels import UnknownRangeError, to_rgb
 from .transforms import pad_crop_flip, train_transform_pil, val_transform_pil
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
@@ -194,18 +196,13 @@ def scan_image_folder(root: str, allow_empty_classes: bool = False
     class it never sees)."""
     if not root or not os.path.isdir(root):
         raise DatasetError(f"image folder {root!r} does not exist")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-    if not classes:
-        raise DatasetError(f"image folder {root!r} has no class sub-folders")
-    samples, empty = [], []
-    for ci, c in enumerate(classes):
-        before = len(samples)
-        for dirpath, _, files in sorted(os.walk(os.path.join(root, c), followlinks=True)):
-            for f in sorted(files):
-                if f.lower().endswith(IMAGE_EXTENSIONS):
-                    samples.append((os.path.join(dirpath, f), ci))
-        if len(samples) == before:
-            empty.append(c)
+    try:  # one scanner (folder_scan): each real directory once, ambiguous classes refused
+        classes = folder_scan.class_folders(root)
+        if not classes:
+            raise DatasetError(f"image folder {root!r} has no class sub-folders")
+        samples, empty = folder_scan.scan(root, classes, IMAGE_EXTENSIONS)
+    except folder_scan.FolderScanError as e:
+        raise DatasetError(str(e)) from None
     if not samples:
         raise DatasetError(f"image folder {root!r} has no images (looked for "
                            f"{', '.join(IMAGE_EXTENSIONS)})")
@@ -287,9 +284,12 @@ class ImageFileDataset(torch.utils.data.Dataset):
         try:
             img = Image.open(path)
             img.load()
-            return img
         except Exception as e:  # noqa: BLE001 - PIL raises many kinds for a broken file
             raise BadImageError(f"cannot decode image {path!r}: {type(e).__name__}: {e}") from e
+        try:  # 16-bit and float images keep their true range (pixels.py; DALI does the same)
+            return to_rgb(img, path)
+        except UnknownRangeError as e:
+            raise BadImageError(f"cannot use image {path!r}: {e}") from None
 
     def __getitem__(self, key):
         i, seed = _split_key(key)
@@ -366,6 +366,7 @@ class WebDatasetShards(torch.utils.data.Dataset):
         try:
             img = Image.open(tf.extractfile(name))
             img.load()
+            img = to_rgb(img, f"{name} in {shard}")
         except Exception as e:  # noqa: BLE001
             if self.skip_bad:
                 return None

@@ -162,6 +162,13 @@ class TorchLoader:
             except StopIteration:
                 return
             except BadImageError as e:  # one line naming the file, not a worker's traceback
+                # Stop the workers now: left to the interpreter's exit, they are terminated and
+                # torch's SIGCHLD handler prints a spurious "worker exited unexpectedly"
+                # traceback after the one-line error.
+                shutdown = getattr(it, "_shutdown_workers", None)
+                if shutdown is not None:
+                    shutdown()
+                    self._loader._iterator = None  # a later pass starts fresh workers
                 raise BadImageError(f"{_worker_error_text(e)}. Remove or replace the file, or "
                                     f"train with --skip-bad-images") from None
             self.bad_images += bad

@@ -90,7 +90,8 @@ _CLASSIFIER_PREFIXES = ("classifier.0.", "classifier.", "linear.", "head.fc.", "
 
 def remap_classifier_keys(state: Dict[str, torch.Tensor], model: nn.Module):
     """Rename the classifier of a zoo checkpoint (``linear``/``classifier``...) to ``fc``."""
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    from ..checkpoint import strip_module
+    state = strip_module(state)
     if isinstance(model, ExternalBackbone) or any(k.startswith("fc.") for k in state):
         return state
     out = {}
@@ -105,18 +106,8 @@ def remap_classifier_keys(state: Dict[str, torch.Tensor], model: nn.Module):
 
 def load_checkpoint_weights(path: str, model: nn.Module, what: str = "teacher"):
     """Load ``{'model': sd}`` (or a bare state dict) strictly, with errors that name the problem."""
-    from ..checkpoint import read_checkpoint
-    ckpt = read_checkpoint(path, f"{what} checkpoint")
-    state = ckpt
-    if isinstance(ckpt, dict):
-        for key in ("model", "state_dict", "student"):
-            if key in ckpt and isinstance(ckpt[key], dict):
-                state = ckpt[key]
-                break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{what} checkpoint {path!r} holds no state dict (expected "
-                         f"{{'model': state_dict}})")
-    state = remap_classifier_keys(state, model)
+    from ..checkpoint import read_weights
+    state = remap_classifier_keys(read_weights(path, f"{what} checkpoint"), model)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -136,5 +127,9 @@ def load_checkpoint_weights(path: str, model: nn.Module, what: str = "teacher"):
                              f"{fc[0][2]})")
         raise ValueError(f"{what} checkpoint {path!r}: shapes differ, e.g. {bad[0][0]} is "
                          f"{bad[0][1]} in the file and {bad[0][2]} in the model")
+    from ..checkpoint import weight_problem
+    why = weight_problem(state, own, path, what)
+    if why:
+        raise ValueError(why)
     model.load_state_dict(state)
-    return ckpt
+    return {"model": state}

@@ -175,22 +175,10 @@ def renormalisation(data_norm, model_norm):
 
 
 def read_state_dict(path: str, what: str):
-    """A state dict from a local file (``{'model'|'state_dict': sd}`` or bare), never unpickled."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} {path!r} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{what} {path!r} could not be read as tensors ({type(e).__name__}: "
-                         f"{e})") from e
-    if isinstance(obj, dict):
-        for key in ("model", "state_dict", "model_ema"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{what} {path!r} holds no state dict")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+    """A state dict from a local file (``{'model'|'state_dict': sd}`` or bare), never unpickled:
+    the package's one weights reader (:func:`gendd_fast.checkpoint.read_weights`)."""
+    from ..checkpoint import read_weights
+    return read_weights(path, what)
 
 
 def load_into(net: nn.Module, path: str, what: str):
