@@ -31,8 +31,13 @@ from .transforms import normalization_for
 
 
 def _timm():
-    from ..models.external import import_source
-    return import_source("timm", "--randaug / --mixup / --cutmix / --label-smoothing")
+    from ..thirdparty import import_library
+    try:
+        return import_library("timm")
+    except Exception as e:  # noqa: BLE001 - ImportError, or a wheel failing in another way
+        raise ImportError(f"--randaug / --mixup / --cutmix / --label-smoothing use timm, which "
+                          f"is not importable here ({type(e).__name__}: {e}); install it with "
+                          f"pip install --no-deps -r requirements-nodeps.txt") from e
 
 
 @contextlib.contextmanager
