@@ -261,3 +261,28 @@ def test_ranges_and_choices_come_from_the_field_declarations():
             validate(dataclasses.replace(Config(teacher="resnet8"), **{f.name: bad}))
     with pytest.raises(ValueError, match=r"--smooth must be in \[0, 1\), got 1.0"):
         validate(Config(teacher="resnet8", smooth=1.0))
+
+
+def test_data_path_without_dataset_is_inferred_with_a_notice_or_refused(tmp_path, capsys):
+    """Planted bug checked: without infer_dataset_notice the folder trained the built-in digits
+    (dataset 'digits') and the first assertion failed."""
+    from gendd_fast.config import config_from_args
+    root = tmp_path / "imgs"
+    for split in ("train", "val"):
+        (root / split / "cat").mkdir(parents=True)
+    cfg, _ = config_from_args(["--data-path", str(root), "--method", "ce"])
+    assert cfg.dataset == "imagefolder"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "without --dataset" in err[0] and "imagefolder" in err[0]
+    cifar = tmp_path / "c"
+    (cifar / "cifar-100-python").mkdir(parents=True)
+    for f in ("train", "test"):
+        (cifar / "cifar-100-python" / f).write_bytes(b"")
+    assert config_from_args(["--data-path", str(cifar), "--method", "ce"])[0].dataset == "cifar100"
+    # a given --dataset is never second-guessed
+    given = ["--data-path", str(cifar), "--dataset", "cifar10", "--method", "ce"]
+    assert config_from_args(given)[0].dataset == "cifar10"
+    with pytest.raises(ValueError, match="without --dataset .*add --dataset"):
+        config_from_args(["--data-path", str(tmp_path / "c" / "cifar-100-python" / "train")])
+    with pytest.raises(ValueError, match="without --dataset"):
+        config_from_args(["--data-path", str(tmp_path)])  # neither layout: refused

@@ -124,18 +124,28 @@ class GenDD(Distiller):
 
     @torch.no_grad()
     def eval_logits(self, images, autocast, sample: bool = False, cfg=2.0, temperature=1.0,
-                    num_sampling=1, generator=None, **sample_kw):
+                    num_sampling=1, generator=None, image_ids=None, noise_seed=0, **sample_kw):
         """The linear probe's logits and, with ``sample``, the teacher classifier's logits on
         features generated from the student's condition (averaged over ``num_sampling``
-        draws). The student runs under ``autocast``; the sampler in float32."""
+        draws). The student runs under ``autocast``; the sampler in float32. With
+        ``image_ids`` (the images' dataset indices) each image's noise of draw j is seeded by
+        (``noise_seed``, index, j) (see :func:`gendd_fast.sampling.image_noises`); without,
+        it comes from ``generator`` (or the global generator)."""
         with autocast:
             f_s = self.student.forward_features(images)
             out = {"": self.student.fc(f_s)}
         if sample:
+            from ..sampling import image_noises
             z = self.cls_projector(f_s.float())
+            head = self.diffloss
             feats = 0.0
-            for _ in range(num_sampling):
-                feats = feats + self.diffloss.generate(z, cfg=cfg, temperature=temperature,
-                                                       generator=generator, **sample_kw)
+            for draw in range(num_sampling):
+                kw = dict(sample_kw)
+                if image_ids is not None:
+                    kw["noise"], kw["step_noises"] = image_noises(
+                        noise_seed, image_ids, draw, head.num_chunks, head.in_channels,
+                        head.gen_diffusion.num_timesteps, z.device)
+                feats = feats + head.generate(z, cfg=cfg, temperature=temperature,
+                                              generator=generator, **kw)
             out["sample_"] = self.teacher_fc(feats / num_sampling)
         return out
