@@ -1,21 +1,27 @@
-"""Why does GenDD trail at short schedules? One-factor-at-a-time sweep around the demo's setting.
+"""Choosing the demo's settings on the validation split, and where a demo step's CPU time goes.
 
-Trains the demo's teacher once (reused when OUTPUT/teacher/last.pt exists), then, for each seed,
-the scratch student, KD and a set of GenDD variants that each change one thing from the demo's
-GenDD: learning rate, stage-1 warm start (off / longer), head width, ``mul`` (copies per token) and
-``smooth`` (distribution contraction). Every run records held-out top-1 (GenDD: sampling top-1 and
-linear probe) and its CPU time (``time.process_time``: all threads of this process, so it does not
-grow when other jobs share the machine the way wall time does). Results go to a JSON file after
-every run, so an interrupted sweep keeps what it measured.
+Sweep: variants of the demo's students (``gendd_fast.demo``) that each change one thing, trained
+with ``--val-from-train 0.2`` (a stratified fifth of the training images is the evaluation set;
+the test images are never seen), reusing a teacher trained on the remaining training images (the
+teacher of ``python -m gendd_fast.demo --split val``). Every run records validation top-1 (GenDD:
+sampling top-1 and linear probe) and its CPU time (``time.process_time``: all threads of this
+process, so it does not grow when other jobs share the machine the way wall time does). Results
+go to a JSON file after every run, so an interrupted sweep keeps what it measured.
 
-    OMP_NUM_THREADS=1 python benchmarks/demo_sweep.py --seeds 0 1 --out benchmarks/results/x.json
+    OMP_NUM_THREADS=1 python -m gendd_fast.demo --split val --output runs/digits-demo-val
+    OMP_NUM_THREADS=1 python benchmarks/demo_sweep.py --teacher-dir runs/digits-demo-val/teacher \\
+        --seeds 0 1 --out benchmarks/results/demo_val_sweep.json
+    OMP_NUM_THREADS=1 python benchmarks/demo_sweep.py --profile    # CPU ms per step, by part
+
+``--profile`` times the parts of one training step of each student (data, teacher forward,
+student + loss forward, backward, optimiser) over two epochs, and one evaluation, at the old
+demo's 32 px and width-256/mul-10 head and at the current settings.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -25,90 +31,117 @@ import torch  # noqa: E402
 
 from gendd_fast import demo  # noqa: E402
 from gendd_fast.config import make_config  # noqa: E402
-from gendd_fast.train import train  # noqa: E402
+from gendd_fast.train import Trainer, train  # noqa: E402
 
-# name -> (method, overrides of the demo's fields (lr: both GenDD stages; the rest: stage 2),
-# stage-1 epochs (0: no warm start; None: not GenDD)). The other GenDD variants change one thing
-# from "gendd lr 2e-3" (the demo's GenDD, after "gendd lr 1e-2" measured far lower).
-S1 = demo.STAGE1_EPOCHS
+# name -> (demo stage, overrides of that stage, stage-1 overrides (GenDD only), epoch factor)
 VARIANTS = {
-    "scratch lr 2e-3": ("ce", {"lr": 2e-3}, None),
-    "scratch lr 1e-2": ("ce", {"lr": 1e-2}, None),
-    "kd lr 2e-3": ("kd", {"lr": 2e-3}, None),
-    "kd lr 1e-2": ("kd", {"lr": 1e-2}, None),
-    "gendd lr 2e-3": ("gendd", {"lr": 2e-3}, S1),
-    "gendd lr 1e-2": ("gendd", {"lr": 1e-2}, S1),
-    "gendd no stage 1": ("gendd", {"lr": 2e-3}, 0),
-    "gendd stage 1 x2": ("gendd", {"lr": 2e-3}, 2 * S1),
-    "gendd width 128": ("gendd", {"lr": 2e-3, "diffloss_w": 128}, S1),
-    "gendd width 512": ("gendd", {"lr": 2e-3, "diffloss_w": 512}, S1),
-    "gendd mul 3": ("gendd", {"lr": 2e-3, "mul": 3}, S1),
-    "gendd mul 30": ("gendd", {"lr": 2e-3, "mul": 30}, S1),
-    "gendd smooth 0": ("gendd", {"lr": 2e-3, "smooth": 0.0}, S1),
-    "gendd smooth 0.7": ("gendd", {"lr": 2e-3, "smooth": 0.7}, S1),
+    "scratch": ("scratch", {}, None, 1),
+    "scratch x2 epochs": ("scratch", {}, None, 2),
+    "kd": ("kd", {}, None, 1),
+    "kd x2 epochs": ("kd", {}, None, 2),
+    "dkd x2 epochs": ("dkd", {}, None, 2),
+    "gendd": ("gendd", {}, {}, 1),
+    "gendd stage1 lr 1e-2": ("gendd", {}, {"lr": 1e-2}, 1),
+    "gendd stage1 lr 1e-2, x2 epochs": ("gendd", {}, {"lr": 1e-2}, 2),
+    "gendd-free x2 epochs": ("gendd-free", {}, None, 2),
 }
 
 
 def timed(fields):
     c0, t0 = time.process_time(), time.time()
-    res = train(make_config(**{k: v for k, v in fields.items() if k != "name"}))
+    res = train(make_config(**{k: v for k, v in fields.items() if k != "name"},
+                            overwrite=True))
     return res, time.process_time() - c0, time.time() - t0
 
 
-def report(paths):
-    """Markdown table of the runs in sweep JSON files (mean over the seeds each variant ran)."""
-    runs, base = {}, None
-    for path in paths:
-        with open(path) as fh:
-            rec = json.load(fh)
-        base = base or rec["setting"]
-        for r in rec["runs"]:
-            runs.setdefault((r["variant"], rec["setting"]["student_epochs"]), []).append(r)
-    fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
-    lines = ["| variant | student epochs | seeds | top-1 (GenDD: sampling) | GenDD linear probe "
-             "| CPU s per run |", "|---|---|---|---|---|---|"]
-    for (name, epochs), rs in runs.items():
-        def mean(k):
-            return (sum(r[k] for r in rs) / len(rs)) if rs[0][k] is not None else None
-        head = mean("sample_top1") if rs[0]["sample_top1"] is not None else mean("top1")
-        probe = mean("top1") if rs[0]["sample_top1"] is not None else None
-        seeds = ",".join(str(r["seed"]) for r in rs)
-        lines.append(f"| {name} | {epochs} | {seeds} | {fmt(head)} | {fmt(probe)} | "
-                     f"{fmt(mean('cpu_s'))} |")
-    return "\n".join(lines)
+def profile_step(fields, epochs: int = 2):
+    """CPU ms per step of each part of the trainer's step, and CPU s of one evaluation."""
+    tr = Trainer(make_config(**{**{k: v for k, v in fields.items() if k != "name"},
+                                "init": None, "overwrite": True}))
+    tr.set_up()
+    tr.prepare_loop()
+    parts = dict(data=0.0, teacher=0.0, forward=0.0, backward=0.0, optimizer=0.0)
+    pt, n = time.process_time, 0
+    tr.model.train()
+    for ep in range(epochs):
+        tr.loaders.train.set_epoch(ep, 0)
+        it = iter(tr.loaders.train)
+        while True:
+            c = pt()
+            try:
+                x, y = next(it)
+            except StopIteration:
+                break
+            parts["data"] += pt() - c
+            c = pt()
+            t_out = tr.teacher(x) if tr.teacher is not None else None
+            parts["teacher"] += pt() - c
+            c = pt()
+            loss, _ = tr.model(x, y, t_out, 0.5)
+            parts["forward"] += pt() - c
+            c = pt()
+            loss.backward()
+            parts["backward"] += pt() - c
+            c = pt()
+            tr.optimizer.step()
+            tr.optimizer.zero_grad(set_to_none=True)
+            parts["optimizer"] += pt() - c
+            n += 1
+    c = pt()
+    tr._evaluate(tr.sample_final, tr.eval_kw)
+    ms = {k: round(1000 * v / n, 1) for k, v in parts.items()}
+    return dict(ms, total=round(sum(ms.values()), 1), steps=n, eval_s=round(pt() - c, 2))
+
+
+def run_profile(out_json: str, output: str):
+    record = {"host": demo.environment(), "runs": []}
+    settings = {"old demo: 32 px, head width 256, mul 10": (32, {"mul": 10}),
+                "now: 16 px, head width 256, mul 4": (16, {}),
+                "16 px, head width 128, mul 4": (16, {"diffloss_w": 128}),
+                "16 px, head width 256, mul 10": (16, {"mul": 10})}
+    for name, (size, head) in settings.items():
+        folder = os.path.join(output, f"profile{size}")
+        if not os.path.isfile(os.path.join(folder, "teacher", "last.pt")):
+            t = demo.teacher_stage(folder, epochs=1, image_size=size)
+            timed(t)  # a one-epoch teacher: its speed, not its accuracy, matters here
+        stages = {s["name"]: s for s in demo.student_stages(folder, 0, image_size=size,
+                                                            gendd=head)}
+        keys = ("scratch", "kd", "gendd") if name.startswith(("old", "now")) else ("gendd",)
+        for key in keys:
+            # a folder of its own per setting: a Trainer that is only set up keeps its run lock
+            where = os.path.join(output, "profile-steps", f"{len(record['runs'])}-{key}")
+            row = dict(setting=name, stage=key, **profile_step({**stages[key], "output": where}))
+            record["runs"].append(row)
+            print(json.dumps(row), flush=True)
+    with open(out_json, "w") as fh:
+        json.dump(record, fh, indent=2)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--output", default=os.path.join("runs", "demo-sweep"))
-    p.add_argument("--out", default=os.path.join("benchmarks", "results", "demo_sweep.json"))
+    p.add_argument("--teacher-dir", default=os.path.join("runs", "digits-demo-val", "teacher"),
+                   help="teacher of `python -m gendd_fast.demo --split val`")
+    p.add_argument("--out", default=os.path.join("benchmarks", "results", "demo_val_sweep.json"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--epochs", type=int, default=demo.STUDENT_EPOCHS, help="student epochs")
-    p.add_argument("--sampling-steps", default="64")
     p.add_argument("--only", nargs="*", help="variant names to run (default: all)")
-    p.add_argument("--report", nargs="+", metavar="JSON",
-                   help="print the markdown table of these result files and exit")
+    p.add_argument("--profile", action="store_true", help="time the parts of a step instead")
     args = p.parse_args(argv)
-    if args.report:
-        print(report(args.report))
-        return
+    if args.profile:
+        return run_profile(args.out if args.out.endswith("profile.json") else
+                           os.path.join("benchmarks", "results", "demo_step_profile.json"),
+                           args.output)
     names = args.only or list(VARIANTS)
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
         p.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
-
-    teacher = demo.teacher_stage(args.output)
-    teacher.update(progress=False)
-    record = {"setting": {"dataset": "digits", "teacher": demo.TEACHER, "student": demo.STUDENT,
-                          "teacher_epochs": demo.TEACHER_EPOCHS, "student_epochs": args.epochs,
-                          "sampling_steps": args.sampling_steps, "seeds": args.seeds,
-                          "gendd_head": demo.GENDD_HEAD},
-              "host": {"cpu": platform.processor() or platform.machine(),
-                       "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
-              "runs": []}
-    if not os.path.isfile(os.path.join(args.output, "teacher", "last.pt")):
-        res, cpu, wall = timed(teacher)
-        record["teacher"] = {"top1": demo.metric(res, "top1"), "cpu_s": round(cpu, 1)}
+    ckpt = os.path.join(args.teacher_dir, "last.pt")
+    if not os.path.isfile(ckpt):
+        p.error(f"no teacher at {ckpt}: run `python -m gendd_fast.demo --split val` first")
+    record = {"setting": {"split": "val", "val_from_train": demo.VAL_FRACTION,
+                          "epochs": demo.EPOCHS, "gendd_head": demo.GENDD_HEAD,
+                          "teacher_dir": args.teacher_dir, "seeds": args.seeds},
+              "host": demo.environment(), "runs": []}
 
     def save():
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -117,29 +150,24 @@ def main(argv=None):
 
     for seed in args.seeds:
         for name in names:
-            method, over, s1 = VARIANTS[name]
+            key, over, s1_over, factor = VARIANTS[name]
+            ep = demo.scaled(demo.EPOCHS, factor)
             stages = {s["name"]: s for s in demo.student_stages(
-                args.output, seed, epochs=args.epochs, stage1_epochs=max(s1 or 1, 1),
-                sampling_steps=args.sampling_steps)}
-            tag = name.replace(" ", "_").replace("(", "").replace(")", "")
-            key = {"ce": "scratch", "kd": "kd", "gendd": "gendd"}[method]
-            st = {**stages[key], **over, "progress": False,
-                  "output": os.path.join(args.output, f"seed{seed}", tag)}
+                args.output, seed, epochs=ep, split="val", teacher_checkpoint=ckpt)}
+            tag = name.replace(" ", "_").replace(",", "")
+            folder = os.path.join(args.output, f"seed{seed}", tag)
+            st = {**stages[key], **over, "output": folder}
             cpu = wall = 0.0
-            if method == "gendd":
-                st["init"] = None
-                if s1:
-                    s1_stage = {**stages["gendd-stage1"], "progress": False,
-                                **({"lr": over["lr"]} if "lr" in over else {}),
-                                "output": os.path.join(args.output, f"seed{seed}", tag + "-s1")}
-                    _, c, w = timed(s1_stage)
-                    cpu, wall = cpu + c, wall + w
-                    st["init"] = os.path.join(s1_stage["output"], "last.pt")
+            if s1_over is not None:
+                s1 = {**stages["gendd-stage1"], **s1_over, "output": folder + "-s1"}
+                _, c, w = timed(s1)
+                cpu, wall = cpu + c, wall + w
+                st["init"] = os.path.join(s1["output"], "last.pt")
             res, c, w = timed(st)
             cpu, wall = cpu + c, wall + w
-            row = {"variant": name, "seed": seed, "top1": demo.metric(res, "top1"),
-                   "sample_top1": demo.metric(res, "sample_top1"), "cpu_s": round(cpu, 1),
-                   "wall_s": round(wall, 1)}
+            row = {"variant": name, "seed": seed, "epochs": st["epochs"],
+                   "top1": demo.metric(res, "top1"), "sample_top1": demo.metric(res, "sample_top1"),
+                   "cpu_s": round(cpu, 1), "wall_s": round(wall, 1)}
             record["runs"].append(row)
             save()
             print(json.dumps(row), flush=True)

@@ -13,8 +13,9 @@ A training checkpoint is one ``torch.save`` dict:
 
 Files are written to a temporary name in the same folder, flushed to disk, then renamed over the
 target: a reader sees the old file or the new one, never half of one. Files are read with
-``weights_only=True``: tensors, plain containers and the NumPy pieces of the RNG state, nothing
-that could run code (teacher files are routinely downloaded).
+``weights_only=True``: tensors and plain containers (the RNG states are stored as tensors, so plain
+``torch.load(weights_only=True)`` opens a checkpoint too), plus the NumPy pieces of older
+checkpoints' RNG state, nothing that could run code (teacher files are routinely downloaded).
 """
 from __future__ import annotations
 
@@ -72,8 +73,9 @@ def _numpy_rng_globals():
     return out
 
 
-# Everything a checkpoint of ours holds beyond tensors and plain containers: the allow-list that
-# torch.load(weights_only=True) gets. Teacher files (``{'model': state_dict}``) need none of it.
+# What checkpoints written before the RNG states became tensors hold beyond tensors and plain
+# containers: the allow-list read_checkpoint gives torch.load(weights_only=True) so they still
+# load. Fresh checkpoints and teacher files (``{'model': state_dict}``) need none of it.
 SAFE_GLOBALS = _numpy_rng_globals()
 
 
@@ -241,7 +243,15 @@ def join_state(ckpt: Dict[str, Any]) -> Dict[str, torch.Tensor]:
 
 
 def rng_state() -> Dict[str, Any]:
-    s = {"python": random.getstate(), "numpy": np.random.get_state(),
+    """This process's generator states as tensors and plain numbers only, so plain
+    ``torch.load(path, weights_only=True)`` opens a checkpoint with no allow-list (checkpoints
+    before this stored NumPy's state as NumPy objects; :func:`set_rng_state` still takes those)."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    s = {"python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64),
+                    "gauss_next": gauss},
+         "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)),
+                   "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
          "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         s["cuda"] = torch.cuda.get_rng_state_all()
@@ -249,8 +259,14 @@ def rng_state() -> Dict[str, Any]:
 
 
 def set_rng_state(s: Dict[str, Any]):
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    py, npy = s["python"], s["numpy"]
+    if isinstance(py, dict):
+        py = (py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss_next"])
+    random.setstate(py)
+    if isinstance(npy, dict):
+        npy = (npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+               npy["cached_gaussian"])
+    np.random.set_state(npy)  # a tuple with an ndarray: a checkpoint from before the change
     torch.set_rng_state(s["torch"])
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])

@@ -87,8 +87,9 @@ class Config:
         help="start the student from these weights (stage 2 from stage 1); non-strict")
     teacher_pretrained: bool = option(
         False, MODEL,
-        help="with --teacher timm:NAME: load timm's pretrained weights (timm's download and "
-             "cache; with --teacher-checkpoint FILE, from that file)")
+        help="with --teacher timm:NAME: timm's pretrained weights and input normalisation "
+             "(timm's download and cache); with --teacher-checkpoint FILE, the weights and "
+             "class count of that file")
     teacher_weights: Optional[str] = option(
         None, MODEL,
         help="with --teacher torchvision:NAME: a weights name (DEFAULT, IMAGENET1K_V2, ...) or a "
@@ -133,6 +134,16 @@ class Config:
     synthetic_size: int = option(
         256, DATA, range=at_least(1),
         help="images in the 'synthetic' dataset (tests, benchmarks)")
+    labeled_fraction: float = option(
+        1.0, DATA, range=Range(0, 1, lo_open=True),
+        help="digits/CIFAR/synthetic: keep the labels of this fraction of the training images "
+             "(stratified, drawn by --seed); the rest become unlabelled (-1): distillers learn "
+             "from them through the teacher, ce and gendd-pretrain drop them")
+    val_from_train: float = option(
+        0.0, DATA, range=Range(0, 1, hi_open=True),
+        help="digits/CIFAR/synthetic: carve this stratified fraction of the training images "
+             "(fixed seed) and evaluate on it instead of the test split (for choosing "
+             "settings); 0 uses the test split")
     # --- optimisation --------------------------------------------------------------------------
     epochs: int = option(240, OPTIM, range=at_least(1), help="training epochs")
     batch_size: int = option(
@@ -266,8 +277,9 @@ class Config:
     # --- augmentation (BEiT -> ResNet-50 recipes) ----------------------------------------------
     randaug: Optional[str] = option(
         None, DATA,
-        help="RandAugment on the batch (on the GPU), timm-style policy rand-mM-nN[-mstdS], e.g. "
-             "rand-m7-n2-mstd0.5; none disables")
+        help="timm's RandAugment on each training image before normalising (DALI: the same "
+             "ops on the GPU), policy rand-mM-nN[-mstdS][-inc1], e.g. rand-m7-n2-mstd0.5; none "
+             "disables")
     mixup: float = option(
         0.0, DATA, range=at_least(0),
         help="Mixup alpha (Beta(a, a)) on training batches; labels become soft; 0 disables")
@@ -410,20 +422,52 @@ def _optional(conv):
     return parse
 
 
-def _effective_defaults(argv: Optional[List[str]]) -> Tuple[Dict[str, Any], List[str]]:
-    """The value each field takes when its flag is not given: the built-in default, overridden
-    by the ``--config`` recipes named in ``argv``, then dataset-dependent values filled in."""
-    pre = argparse.ArgumentParser(add_help=False)
+def _given_values(argv: Optional[List[str]]) -> Tuple[Dict[str, Any], List[str]]:
+    """The field values ``argv`` sets: its ``--config`` recipes in order, then its explicit flags
+    (parsed leniently: ``--help`` must still print when a flag is malformed)."""
+    pre = argparse.ArgumentParser(add_help=False, exit_on_error=False)
     pre.add_argument("--config", action="append", default=[])
+    _add_field_flags(pre, lambda name: argparse.SUPPRESS)
     known, _ = pre.parse_known_args(argv or [])
     values: Dict[str, Any] = {}
     for name in known.config:
         values.update(load_yaml(find_config(name)))
+    flags = {f.name: getattr(known, f.name) for f in dataclasses.fields(Config)
+             if getattr(known, f.name, None) is not None}
+    values.update(flags)
+    return values, known.config
+
+
+def infer_dataset_notice(values: Dict[str, Any], say=None) -> Dict[str, Any]:
+    """``--data-path`` without ``--dataset`` (in a recipe or on the command line) would train on
+    the built-in digits: infer the kind from the folder's layout and say so in one line, or
+    refuse naming the kinds."""
+    if not values.get("data_path") or values.get("dataset"):
+        return values
+    from .data.datasets import infer_dataset
+    kind, why = infer_dataset(values["data_path"])
+    if kind is None:
+        raise ValueError(f"--data-path {values['data_path']} was given without --dataset and "
+                         f"its kind cannot be told from its layout ({why}); add --dataset "
+                         f"({', '.join(d for d in DATASETS if d not in ('digits', 'synthetic'))})")
+    if say is not None:
+        say(f"--data-path without --dataset: {values['data_path']} holds {why}; using "
+            f"--dataset {kind}")
+    return dict(values, dataset=kind)
+
+
+def _effective_defaults(argv: Optional[List[str]]) -> Tuple[Dict[str, Any], List[str]]:
+    """The value each field takes when its flag is not given: the built-in default, overridden
+    by the ``--config`` recipes and the flags named in ``argv`` (``--dataset imagefolder`` shows
+    224-px defaults), then dataset-dependent values filled in as the run fills them."""
     try:
+        values, recipes = _given_values(argv)
+        values = infer_dataset_notice(values)
         resolved = dataclasses.asdict(Config(**values).resolved())
-    except TypeError:
+    except (TypeError, ValueError, FileNotFoundError, argparse.ArgumentError):
+        values, recipes = {}, []
         resolved = dataclasses.asdict(Config().resolved())
-    return resolved, known.config
+    return resolved, recipes
 
 
 def _default_text(value) -> str:
@@ -437,6 +481,7 @@ def build_parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
     ``--config`` so a recipe's values are the ones shown)."""
     defaults, recipes = _effective_defaults(argv)
     shown = ("the recipe " + ", ".join(recipes)) if recipes else "the built-in values"
+    shown += " with the flags given, the dataset's sizes filled in"
     p = argparse.ArgumentParser(
         prog="python -m gendd_fast.train",
         description="Train a student with GenDD or a baseline. With no arguments, runs the "
@@ -446,12 +491,19 @@ def build_parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
                    help="YAML recipe (path, or a name under configs/); repeatable, later wins")
     p.add_argument("--demo", action="store_true", help="run the embedded digits pipeline")
     p.add_argument("--list-models", action="store_true", help="print the model zoo and exit")
+    _add_field_flags(p, lambda name: f"(default: {_default_text(defaults[name])})")
+    return p
+
+
+def _add_field_flags(p: argparse.ArgumentParser, default_help):
+    """Every field's flag, in its group; ``default_help(name)`` completes the help text."""
     fields = {f.name: f for f in dataclasses.fields(Config)}
     for title, helps in FLAG_GROUPS:
         group = p.add_argument_group(title)
         for name, text in helps.items():
-            _add_flag(group, fields[name], f"{text} (default: {_default_text(defaults[name])})")
-    return p
+            tail = default_help(name)
+            _add_flag(group, fields[name],
+                      tail if tail == argparse.SUPPRESS else f"{text} {tail}")
 
 
 def add_field_option(parser, name: str, flag: str, default_text: str):
@@ -531,6 +583,8 @@ def config_from_args(argv: Optional[List[str]] = None):
         v = getattr(args, f.name)
         if v is not None:
             values[f.name] = v
+    from .notice import notice
+    values = infer_dataset_notice(values, say=notice)
     return make_config(**values), args
 
 
@@ -571,6 +625,9 @@ def validate(cfg: Config):
                              f"--teacher-checkpoint PATH)")
     if len(cfg.crop_scale) != 2 or not 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1:
         raise ValueError(f"crop-scale must be two numbers 0 < lo <= hi <= 1, got {cfg.crop_scale}")
+    if cfg.labeled_fraction < 1.0 and (cfg.mixup or cfg.cutmix or cfg.label_smoothing):
+        raise ValueError("--labeled-fraction below 1 marks images unlabelled (-1), which Mixup, "
+                         "CutMix and label smoothing cannot mix into soft labels; turn those off")
     if not cfg.labels and method(cfg.method).needs_labels:
         free = [m for m in method_names() if not method(m).needs_labels]
         raise ValueError(f"method {cfg.method!r} needs labels; unsupervised runs use --method "

@@ -32,6 +32,9 @@ def refusal(cfg, device: torch.device, world: int, amp: str, loaders, distiller)
         return ("batch shapes are not fixed (" + ("--skip-bad-images drops images from a batch"
                 if cfg.skip_bad_images else "the training loader keeps a short last batch")
                 + "); a graph replays one shape")
+    if cfg.labeled_fraction < 1:
+        return ("--labeled-fraction below 1: batches mix labelled and unlabelled rows, whose "
+                "masking reads the labels on the host")
     if cfg.method != "gendd":
         return f"only the GenDD step is graphed; --method {cfg.method} trains eagerly"
     if amp == "fp16":
@@ -107,8 +110,13 @@ class GraphedStep:
     def _inputs(self, images, labels):
         if self.static is None:
             self.static = (images.clone(), labels.clone())
-            self.t.distiller.graph_has_labels = bool(
-                labels.is_floating_point() or (labels >= 0).all())  # once, outside the graph
+            # once, outside the graph: every row labelled, or none
+            some = labels.is_floating_point() or bool((labels >= 0).any())
+            every = labels.is_floating_point() or bool((labels >= 0).all())
+            if some != every:
+                raise ValueError("--cuda-graph: a training batch is partly labelled (labels -1 "
+                                 "beside class indices); train with --cuda-graph off")
+            self.t.distiller.graph_has_labels = every
             return
         for buf, x, what in zip(self.static, (images, labels), ("images", "labels")):
             if buf.shape != x.shape or buf.dtype != x.dtype:

@@ -61,12 +61,14 @@ def training_class_counts(cfg, num_classes: Optional[int] = None) -> Optional[to
 @torch.no_grad()
 def evaluate(distiller, loader, device: torch.device, amp: str = "off", sample: bool = False,
              sample_kw: Optional[Dict] = None, max_batches: Optional[int] = None,
-             class_counts: Optional[torch.Tensor] = None,
+             class_counts: Optional[torch.Tensor] = None, noise_seed: int = 0,
              should_stop: Optional[Callable[[int], bool]] = None) -> Dict:
     """Top-1/top-5 (%) over the loader, summed over ranks. Keys: top1, top5 and, when sampling,
     sample_top1, sample_top5; n is the number of images scored. With ``class_counts`` (training
     images per class) also many/medium/few-shot top-1 per prediction (``many``,
     ``sample_many``, ...): the hits of the held-out images of each group over their number.
+    Sampling noise is keyed by (``noise_seed``, image index, draw): the same checkpoint scores
+    the same from the trainer and from ``gendd_fast.evaluate``.
     ``should_stop(b)`` is asked before batch ``b`` (the trainer's signal policy): True gives up
     the pass with :class:`~gendd_fast.signal_policy.EvaluationStopped`."""
     was_training = distiller.training
@@ -78,13 +80,19 @@ def evaluate(distiller, loader, device: torch.device, amp: str = "off", sample: 
     if class_counts is not None:
         seen = torch.zeros(class_counts.numel(), dtype=torch.float64, device=device)
     ctx = autocast_for(device, amp)
+    ids = image_indices(loader)
+    start = 0
     for b, (x, y) in enumerate(loader):
         if max_batches is not None and b >= max_batches:
             break
         if should_stop is not None and should_stop(b):
             distiller.train(was_training)
             raise EvaluationStopped(b)
-        outs = distiller.eval_logits(x, ctx, sample=sample, **(sample_kw or {}))
+        kw = dict(sample_kw or {})
+        if sample:
+            kw.update(image_ids=_batch_ids(ids, start, y.numel()), noise_seed=noise_seed)
+        start += y.numel()
+        outs = distiller.eval_logits(x, ctx, sample=sample, **kw)
         n += y.numel()
         if seen is not None:
             seen += torch.bincount(y, minlength=seen.numel()).double()
@@ -117,7 +125,32 @@ def evaluate(distiller, loader, device: torch.device, amp: str = "off", sample: 
     return res
 
 
-def format_results(results: Dict, draws: int = 1, selected_by: str = "top1") -> str:
+def image_indices(loader) -> Optional[torch.Tensor]:
+    """The dataset index of each image the loader yields on this rank, in order: the loader's
+    own account (``image_indices()``, the DataLoader and DALI paths), else None (then rank r is
+    taken to yield images r, r + world, ..., the evaluation sampler's order)."""
+    own = getattr(loader, "image_indices", None)
+    return torch.as_tensor(own(), dtype=torch.long) if own is not None else None
+
+
+def _batch_ids(ids: Optional[torch.Tensor], start: int, n: int) -> torch.Tensor:
+    if ids is not None:
+        return ids[start:start + n]
+    import torch.distributed as dist
+    on = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
+    return rank + world * torch.arange(start, start + n)
+
+
+def describe_sampling(sample_kw: Dict, steps, draws: int) -> str:
+    """'N draw(s), S steps, ddpm|ddim, guidance G, temperature T' for tables and logs."""
+    sampler = sample_kw.get("sampler", "ddpm")
+    return (f"{draws} draw{'s' if draws != 1 else ''}, {steps} steps, {sampler}, guidance "
+            f"{sample_kw.get('cfg', 1.0):g}, temperature {sample_kw.get('temperature', 1.0):g}")
+
+
+def format_results(results: Dict, draws: int = 1, selected_by: str = "top1",
+                   sampling: Optional[str] = None) -> str:
     """The end-of-run table: each metric for the last model and for best.pt (``best_*`` keys),
     sampling first when the run has it (the paper's headline), then the linear probe, then the
     many/medium/few-shot split when it was measured."""
@@ -140,6 +173,8 @@ def format_results(results: Dict, draws: int = 1, selected_by: str = "top1") -> 
     lines += [f"| {name:<{width}} | {cell(a)} | {cell(b)} |" for name, a, b in rows]
     if results.get("best_epoch", -1) and results.get("best_epoch", -1) > 0:
         lines.append(f"best.pt: epoch {results['best_epoch']}, chosen by {chosen}")
+    if sampling:
+        lines.append(f"sampling: {sampling}")
     return "\n".join(lines)
 
 
@@ -151,7 +186,9 @@ def add_evaluation_options(p: argparse.ArgumentParser):
         add_field_option(p, name, flag, "(default: the checkpoint's)")
     p.add_argument("--no-sample", action="store_true", help="student classifiers only")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the sampling noise (default: the run's --seed, so the number "
+                        "matches the trainer's final evaluation)")
 
 
 def evaluation_overrides(args) -> Dict:
@@ -218,17 +255,22 @@ def main(argv=None):
                              f"(no 'model.*' student keys)") from None
     over = dict(evaluation_overrides(args), train_list=args.train_list,
                 shot_split=args.shot_split)
-    cfg, env, loaders, distiller = rebuild_for_evaluation(ckpt, cfg, over, args.device,
-                                                          args.seed)
+    seed = cfg.seed if args.seed is None else args.seed
+    cfg, env, loaders, distiller = rebuild_for_evaluation(ckpt, cfg, over, args.device, seed)
     configure_sampler(distiller, cfg)
     sample = method(cfg.method).samples and not args.no_sample
     counts = training_class_counts(cfg, loaders.num_classes)
+    kw = sampling_kwargs(cfg)
     res = evaluate(distiller, loaders.val, env.device, resolve_amp(cfg.amp, env.device),
-                   sample=sample, sample_kw=sampling_kwargs(cfg), class_counts=counts)
+                   sample=sample, sample_kw=kw, class_counts=counts, noise_seed=seed)
     res.update(checkpoint=args.checkpoint, method=cfg.method,
                sampling_steps=cfg.sampling_steps, ddim_steps=cfg.ddim_steps, cfg=cfg.cfg,
-               num_sampling=cfg.num_sampling)
+               num_sampling=cfg.num_sampling, sampler=kw.get("sampler", "ddpm"),
+               temperature=cfg.temperature, noise_seed=seed)
     if env.is_main:
+        if sample:
+            print("sampling: " + describe_sampling(kw, cfg.ddim_steps or cfg.sampling_steps,
+                                                    cfg.num_sampling) + f", noise seed {seed}")
         print(f"{'metric':<14} value")
         for k in ("top1", "top5", "sample_top1", "sample_top5", "many", "medium", "few",
                   "sample_many", "sample_medium", "sample_few"):

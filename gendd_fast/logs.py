@@ -41,13 +41,22 @@ class Progress:
         return max(self.total - global_step, 0) * elapsed / done
 
     def update(self, epoch: int, epochs: int, step: int, steps: int, global_step: int,
-               values: Dict[str, float], lr: float, img_s: float):
+               values: Dict[str, float], lr: float, img_s: float,
+               timing: Optional[Dict[str, float]] = None):
+        """``timing``: data_s / compute_s of the interval (and peak_mem_gb on CUDA)."""
         if not self.enabled:
             return
         eta = self.eta(global_step)
         terms = " ".join(f"{k} {v:.4f}" for k, v in values.items())
+        extra = ""
+        if timing:
+            total = max(timing["data_s"] + timing["compute_s"], 1e-9)
+            extra = f" data {100 * timing['data_s'] / total:.0f}%"
+            if "peak_mem_gb" in timing:
+                extra += f" mem {timing['peak_mem_gb']:.1f}G"
         line = (f"epoch {epoch + 1}/{epochs} [{step:>5d}/{steps}] {terms} lr {lr:.3g} "
-                f"{img_s:,.0f} img/s eta {fmt_time(eta) if math.isfinite(eta) else '?'}")
+                f"{img_s:,.0f} img/s{extra} eta "
+                f"{fmt_time(eta) if math.isfinite(eta) else '?'}")
         if self.tty:
             self.stream.write("\r" + line.ljust(110))
         else:
@@ -118,7 +127,8 @@ def plot_curves(metrics_path: str, out_png: str) -> Optional[str]:
     if train:
         ax1.plot([r["step"] for r in train], [r["loss"] for r in train], label="loss")
         for key in sorted({k for r in train for k in r} - {"type", "step", "time", "loss", "lr",
-                                                            "img_s", "epoch"}):
+                                                            "img_s", "epoch", "data_s",
+                                                            "compute_s", "peak_mem_gb"}):
             pts = [(r["step"], r[key]) for r in train if key in r]
             ax1.plot(*zip(*pts), label=key, alpha=0.7)
     ax1.set_xlabel("step")

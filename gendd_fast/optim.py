@@ -41,7 +41,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[dict]:
 
 
 def build_optimizer(cfg: Config, model: nn.Module, device: torch.device):
-    """AdamW (or SGD) over :func:`param_groups`."""
+    """AdamW (or SGD) over :func:`param_groups`. SGD is plain momentum SGD, no Nesterov, as
+    the public code's teacher training and ImageNet-LT scripts use it."""
     groups = param_groups(model, cfg.weight_decay)
     if cfg.opt_impl == "apex":
         try:
@@ -51,12 +52,12 @@ def build_optimizer(cfg: Config, model: nn.Module, device: torch.device):
                               "PyPI); use the default --opt-impl torch") from e
         if cfg.opt == "adamw":
             return FusedAdam(groups, lr=cfg.lr, betas=tuple(cfg.betas), adam_w_mode=True)
-        return FusedSGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+        return FusedSGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=False)
     fused = device.type == "cuda"
     if cfg.opt == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas),
                                  fused=fused or None)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=False,
                            fused=fused or None)
 
 

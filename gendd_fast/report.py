@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from .distill import method
-from .evaluate import add_evaluation_options, evaluation_overrides
+from .evaluate import add_evaluation_options, describe_sampling, evaluation_overrides
 
 DDPM_STEPS = (100, 64, 32, 16)
 DDIM_STEPS = (50, 25, 10, 5)
@@ -91,9 +91,10 @@ class Run:
     env: Any
     saved: Dict      # the config stored in the checkpoint
     rng: Any         # (torch CPU, CUDA or None) generator states evaluation starts from
+    noise_seed: int = 0  # keys the sampling noise with (image index, draw)
 
 
-def load_run(path: str, overrides: Dict, device_pref: str, seed: int) -> Run:
+def load_run(path: str, overrides: Dict, device_pref: str, seed: Optional[int]) -> Run:
     """A trainer checkpoint rebuilt in the order evaluate uses (seed, data, model, weights),
     so results match ``python -m gendd_fast.evaluate``."""
     from .checkpoint import config_from_checkpoint, read_checkpoint
@@ -101,6 +102,7 @@ def load_run(path: str, overrides: Dict, device_pref: str, seed: int) -> Run:
 
     ckpt = read_checkpoint(path)
     cfg = config_from_checkpoint(ckpt, path)
+    seed = cfg.seed if seed is None else seed  # the run's own: matches its trainer's number
     try:
         cfg, env, loaders, distiller = rebuild_for_evaluation(ckpt, cfg, overrides,
                                                               device_pref, seed)
@@ -109,7 +111,7 @@ def load_run(path: str, overrides: Dict, device_pref: str, seed: int) -> Run:
     # The generator state evaluate would sample from: every setting of a sweep starts from it.
     rng = (torch.get_rng_state(),
            torch.cuda.get_rng_state(env.device) if env.device.type == "cuda" else None)
-    return Run(cfg, distiller, loaders, env, ckpt.get("config", {}), rng)
+    return Run(cfg, distiller, loaders, env, ckpt.get("config", {}), rng, seed)
 
 
 def _evaluate(run: Run, cfg, sample: bool):
@@ -123,7 +125,7 @@ def _evaluate(run: Run, cfg, sample: bool):
     device = run.env.device
     t0 = time.perf_counter()
     res = evaluate(run.distiller, run.loaders.val, device, resolve_amp(cfg.amp, device),
-                   sample=sample, sample_kw=sampling_kwargs(cfg))
+                   sample=sample, sample_kw=sampling_kwargs(cfg), noise_seed=run.noise_seed)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     res["seconds"] = time.perf_counter() - t0
@@ -142,9 +144,11 @@ def pair_name(config: Dict) -> str:
 
 
 def evaluate_checkpoints(paths: Sequence[str], overrides: Dict, device: str = "auto",
-                         seed: int = 0, sample: bool = True, sweep: Optional[Dict] = None):
+                         seed: Optional[int] = None, sample: bool = True,
+                         sweep: Optional[Dict] = None):
     """One result dict per checkpoint; with ``sweep`` ({'ddpm': [...], 'ddim': [...]}), a list
     of per-setting results under 'sweep' for GenDD checkpoints."""
+    from .build import sampling_kwargs
     runs = []
     for path in paths:
         run = load_run(path, overrides, device, seed)
@@ -155,7 +159,10 @@ def evaluate_checkpoints(paths: Sequence[str], overrides: Dict, device: str = "a
         res.update(checkpoint=path, method=cfg.method, pair=pair_name(run.saved),
                    dataset=cfg.dataset, seed=cfg.seed, recipe=recipe_key(run.saved),
                    sampler=(f"ddim{cfg.ddim_steps}" if cfg.ddim_steps else
-                            f"ddpm{cfg.sampling_steps}") if do_sample else "")
+                            f"ddpm{cfg.sampling_steps}") if do_sample else "",
+                   sampling=describe_sampling(sampling_kwargs(cfg),
+                                              cfg.ddim_steps or cfg.sampling_steps,
+                                              cfg.num_sampling) if do_sample else "")
         if sweep and gendd:
             res["sweep"] = steps_sweep(run, sweep)
         runs.append(res)
@@ -196,7 +203,8 @@ def group_runs(runs: Sequence[Dict]) -> List[Dict]:
         first = members[0]
         row = dict(method=first["method"], pair=first["pair"], dataset=first["dataset"],
                    runs=len(members), seeds=[m["seed"] for m in members],
-                   checkpoints=[m["checkpoint"] for m in members], sampler=first["sampler"])
+                   checkpoints=[m["checkpoint"] for m in members], sampler=first["sampler"],
+                   sampling=first.get("sampling", ""))
         for k in METRICS:
             row[k], row[k + "_std"] = mean_std([m.get(k) for m in members])
         rows.append(row)
@@ -211,12 +219,12 @@ def _cell(mean, std, runs):
 
 def markdown_table(rows: Sequence[Dict]) -> str:
     head = ("| method | teacher -> student | dataset | runs | top-1 sampling | top-5 sampling "
-            "| top-1 linear / own | top-5 linear / own |")
-    lines = [head, "|" + "---|" * 8]
+            "| top-1 linear / own | top-5 linear / own | sampling |")
+    lines = [head, "|" + "---|" * 9]
     for r in rows:
         cells = [_cell(r[k], r[k + "_std"], r["runs"]) for k in METRICS]
         lines.append(f"| {r['method']} | {r['pair']} | {r['dataset']} | {r['runs']} | "
-                     + " | ".join(cells) + " |")
+                     + " | ".join(cells) + f" | {r.get('sampling') or '-'} |")
     return "\n".join(lines) + "\n"
 
 

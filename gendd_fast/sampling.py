@@ -99,12 +99,42 @@ def run_sampler(head, z, chunk_idx, temperature=1.0, cfg=1.0, noise=None, genera
 
 
 @torch.no_grad()
-def guided_sample(head, z, chunk_idx, cfg=2.0, temperature=1.0, generator=None, **kw):
-    """One generated token per row of the conditional ``z``, with classifier-free guidance."""
+def guided_sample(head, z, chunk_idx, cfg=2.0, temperature=1.0, generator=None, noise=None,
+                  step_noises=None, **kw):
+    """One generated token per row of the conditional ``z``, with classifier-free guidance.
+    ``noise`` (rows, d) and ``step_noises`` (steps, rows, d), when given, are the conditional
+    rows' x_T and per-step noises (the unconditional half shares them)."""
     if cfg == 1.0:
         return head.sample(z, chunk_idx, temperature=temperature, cfg=1.0, generator=generator,
-                           **kw)
+                           noise=noise, step_noises=step_noises, **kw)
     zz = torch.cat([z, torch.zeros_like(z)], dim=0)
     kk = torch.cat([chunk_idx, chunk_idx], dim=0)
+    if noise is not None:
+        noise = torch.cat([noise, noise], dim=0)
+    if step_noises is not None:
+        step_noises = torch.cat([step_noises, step_noises], dim=1)
     return head.sample(zz, kk, temperature=temperature, cfg=cfg, generator=generator,
-                       **kw)[: z.shape[0]]
+                       noise=noise, step_noises=step_noises, **kw)[: z.shape[0]]
+
+
+def noise_seed(seed: int, image: int, draw: int) -> int:
+    """The seed of one image's noise for one draw: a function of (seed, image index, draw)
+    alone, so an image gets the same noise whatever its batch, rank or evaluation entry."""
+    return ((seed * 2_000_003 + image) * 1_000_033 + draw) % (2 ** 63)
+
+
+def image_noises(seed: int, image_ids, draw: int, tokens: int, dim: int, steps: int, device):
+    """x_T (B * tokens, dim) and per-step noises (steps, B * tokens, dim) for the images
+    ``image_ids`` (global dataset indices), row order as :meth:`head.generate` lays tokens out
+    (image-major). Drawn on the CPU from one generator per (image, draw): the trainer's final
+    evaluation and ``gendd_fast.evaluate`` then score a checkpoint with the same noise, hence
+    the same number, whatever their batch sizes or process counts."""
+    per_image = []
+    for i in image_ids.tolist() if torch.is_tensor(image_ids) else list(image_ids):
+        g = torch.Generator().manual_seed(noise_seed(seed, int(i), draw))
+        per_image.append(torch.randn((steps + 1, tokens, dim), generator=g))
+    n = torch.stack(per_image).to(device)            # (B, steps + 1, tokens, dim)
+    b = n.shape[0]
+    x_T = n[:, 0].reshape(b * tokens, dim)
+    step = n[:, 1:].permute(1, 0, 2, 3).reshape(steps, b * tokens, dim)
+    return x_T, step

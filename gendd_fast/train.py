@@ -24,11 +24,11 @@ import torch.nn as nn
 from . import checkpoint as ckpt_io
 from .build import build_method, configure_sampler, sampling_kwargs
 from .config import Config, config_diff
-from .data import build_loaders
+from .data import build_loaders, describe_pipeline
 from .distill import method
 from .distributed import (all_gather_object, all_reduce_max, any_rank, broadcast_object,
                           init_distributed, shutdown)
-from .evaluate import evaluate, format_results, training_class_counts
+from .evaluate import describe_sampling, evaluate, format_results, training_class_counts
 from .signal_policy import EvaluationStopped
 from .logs import MetricsLog, Progress, fmt_time, plot_curves
 from .notice import notice
@@ -50,6 +50,18 @@ def train(cfg: Config) -> Dict:
             return trainer.run()
         finally:  # every exit path, an exception included, frees the output folder
             trainer.release_lock()
+
+
+def no_buffer_sync_kwargs() -> Dict:
+    """DDP without a buffer broadcast every forward (BatchNorm statistics stay per rank, as in
+    the reference). Newer torch spells it ``forward_sync_buffers=False`` and warns (a
+    FutureWarning on every rank) for ``broadcast_buffers``; its one-off sync at start-up is
+    harmless here, every rank builds or loads the same buffers."""
+    import inspect
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    if "forward_sync_buffers" in params:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 class Trainer:
@@ -204,7 +216,7 @@ class Trainer:
             self.model = nn.parallel.DistributedDataParallel(
                 self.distiller,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False)
+                **no_buffer_sync_kwargs())
         if cfg.compile:
             self.model = torch.compile(self.model)
         self.log = MetricsLog(cfg.output, cfg.tensorboard,
@@ -231,6 +243,7 @@ class Trainer:
                    + (f", head {type(self.distiller.head).__name__}"
                       if self.distiller.head is not None else "")
                    + (", CUDA-graphed step" if self.graph_step else ""))
+            notice(f"images {describe_pipeline(cfg)}")
 
     def stop_agreed(self) -> bool:
         """Whether to stop, decided for all ranks at once (an all-reduce of the stop flags):
@@ -250,7 +263,9 @@ class Trainer:
         self.loaders.train.set_epoch(epoch, self.start_step)
         sums: Dict[str, torch.Tensor] = {}
         n_seen, n_steps, t_last, step = 0, 0, time.time(), self.start_step
+        t_data, t_mark = 0.0, time.time()  # time waiting for batches, within the interval
         for step, (images, labels) in enumerate(self.loaders.train, start=self.start_step + 1):
+            t_data += time.time() - t_mark
             self.step = step
             lr = (self.graph_step or self.train_step)(images, labels, epoch + step / spe)
             n_seen += images.shape[0]
@@ -262,19 +277,24 @@ class Trainer:
                 self.check_finite()
                 stop_now = self.stop_agreed()
             if step % cfg.log_interval == 0 or step == spe:
-                vals = {k: float(v) / n_steps for k, v in sums.items()}
-                img_s = n_seen * self.env.world / max(time.time() - t_last, 1e-9)
+                vals = {k: float(v) / n_steps for k, v in sums.items()}  # syncs the device
+                wall = max(time.time() - t_last, 1e-9)
+                img_s = n_seen * self.env.world / wall
+                timing = dict(data_s=t_data, compute_s=max(wall - t_data, 0.0))
+                if self.device.type == "cuda":
+                    timing["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                 self.progress.update(epoch, cfg.epochs, step, spe, self.global_step, vals, lr,
-                                     img_s)
+                                     img_s, timing)
                 if self.log:
                     self.log.write("train", self.global_step, epoch=epoch + 1, lr=lr,
-                                   img_s=img_s, **vals)
-                sums, n_seen, n_steps, t_last = {}, 0, 0, time.time()
+                                   img_s=img_s, **timing, **vals)
+                sums, n_seen, n_steps, t_last, t_data = {}, 0, 0, time.time(), 0.0
             if cfg.save_every and self.global_step % cfg.save_every == 0 and step < spe:
                 self.check_finite()
                 self.save(epoch, step)
             if self.global_step >= self.total_steps or stop_now:
                 break
+            t_mark = time.time()
         self.step = step
         self.start_step = 0
         self.progress.end_epoch()
@@ -343,6 +363,7 @@ class Trainer:
         common = -int(all_reduce_max(torch.tensor(-len(self.loaders.val), device=self.device)))
         return evaluate(self.distiller, self.loaders.val, self.device, self.amp, sample=sample,
                         sample_kw=sample_kw, class_counts=self.class_counts,
+                        noise_seed=self.cfg.seed,
                         should_stop=lambda b: b < common and self.stop_agreed())
 
     def evaluate_and_save(self) -> bool:
@@ -451,9 +472,10 @@ class Trainer:
             except EvaluationStopped:
                 return self._final_stopped(dict(last, num_sampling=cfg.num_sampling), ["best"])
             if self.main_rank:
-                steps = f"ddim{cfg.ddim_steps}" if cfg.ddim_steps else cfg.sampling_steps
-                notice(f"final sampling evaluation ({steps} steps, cfg {cfg.cfg}, "
-                       f"{cfg.num_sampling} draw(s)): best.pt (epoch {best['epoch']}) top-1 "
+                steps = cfg.ddim_steps or cfg.sampling_steps
+                how = describe_sampling(kw, steps, cfg.num_sampling)
+                notice(f"final sampling evaluation ({how}, noise seed {cfg.seed}): best.pt "
+                       f"(epoch {best['epoch']}) top-1 "
                        f"{best['sample_top1']:.2f}, last top-1 {last['sample_top1']:.2f} "
                        f"({time.time() - t0:.1f}s)")
                 self.log.write("val", self.global_step, epoch=self.epoch,
@@ -504,21 +526,44 @@ class Trainer:
                        epochs_run=self.epoch, global_step=self.global_step,
                        seconds=time.time() - self.t_run, output=cfg.output)
         if self.main_rank:
+            last_line = self.end_line()  # also metrics.jsonl's last record, before it closes
             self.log.close()
             if "top1" in results:
                 draws = cfg.num_sampling if self.sample_final else 1
-                print(format_results(results, draws=draws, selected_by=self.select_by),
-                      flush=True)
+                how = (describe_sampling(self.sample_kw, cfg.ddim_steps or cfg.sampling_steps,
+                                         draws) + f", noise seed {cfg.seed}") \
+                    if self.sample_final else None
+                print(format_results(results, draws=draws, selected_by=self.select_by,
+                                     sampling=how), flush=True)
             if cfg.plot:
                 png = plot_curves(self.log.path, os.path.join(cfg.output, "curves.png"))
                 if png:
                     notice(f"curves: {png}")
-            notice(f"done in {fmt_time(time.time() - self.t_run)}; checkpoints in {cfg.output}")
+            notice(last_line)
         self.model = None  # drop the DDP wrapper before leaving the process group
         shutdown()
         if self.stop["signal"] is not None:
             results["stopped_by_signal"] = self.stop["signal"]
         return results
+
+    def end_line(self) -> str:
+        """The run's last line, also recorded as metrics.jsonl's last record: finished, or
+        interrupted (a signal, or --max-steps before the last epoch) and where to resume."""
+        cfg, took = self.cfg, fmt_time(time.time() - self.t_run)
+        finished = self.epoch >= cfg.epochs
+        why = None
+        if self.stop["signal"] is not None:
+            why = f"signal {signal.Signals(self.stop['signal']).name}"
+        elif not finished:
+            why = f"--max-steps {cfg.max_steps}"
+        if self.log:
+            self.log.write("end", self.global_step, status="finished" if why is None else
+                           "interrupted", reason=why, epoch=self.epoch, seconds=took)
+        if why is None:
+            return f"done in {took}; checkpoints in {cfg.output}"
+        return (f"interrupted by {why} at epoch {self.epoch + 1}, global step "
+                f"{self.global_step} after {took}; resume with --resume auto --output "
+                f"{cfg.output}")
 
 
 if __name__ == "__main__":  # `python -m gendd_fast.train`: the entry lives in gendd_fast.cli

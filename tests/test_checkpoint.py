@@ -2,6 +2,7 @@
 a full disk keeps the previous file and names it, the newest good checkpoint is found past bad
 ones, stale temporaries go, best.pt is repaired, and the teacher a run was trained with is
 recorded."""
+import os
 import subprocess
 import sys
 
@@ -332,3 +333,52 @@ def test_integer_buffers_stay_allowed(tmp_path):
     fresh = create_model("resnet8", 4)
     load_checkpoint_weights(path, fresh)
     assert torch.equal(fresh.state_dict()["conv1.weight"], model.state_dict()["conv1.weight"])
+
+
+# -- issue 22: which last.pt may repair best.pt; what --init loads ------------------------------
+
+def _mid_epoch_state(epoch, step_in_epoch, best_epoch, value):
+    return {"model": {"w": torch.full((3,), value)}, "extra": {}, "global_step": 4 * epoch
+            + step_in_epoch, "epoch": epoch, "step_in_epoch": step_in_epoch,
+            "best": {"top1": 60.0, "epoch": best_epoch}}
+
+
+def test_mid_epoch_last_checkpoint_never_repairs_best(tmp_path):
+    """last.pt can stand in for a stale best.pt only when it was written at the very end of the
+    best epoch (epoch == best epoch and step_in_epoch == 0). A mid-epoch last.pt with the same
+    epoch counter holds weights trained past the best: best.pt stays as it is.
+    Planted: repair_best ignoring step_in_epoch -> fails."""
+    out = str(tmp_path)
+    old = _mid_epoch_state(1, 0, 1, value=1.0)
+    ckpt_io.atomic_save(old, os.path.join(out, "best.pt"))
+    mid = _mid_epoch_state(2, 3, 2, value=2.0)   # best: epoch 2; then 3 steps of epoch 3
+    msg = ckpt_io.repair_best(mid, out)
+    assert msg is not None and "no longer on disk" in msg
+    kept = ckpt_io.read_checkpoint(os.path.join(out, "best.pt"))
+    assert kept["epoch"] == 1 and torch.equal(kept["model"]["w"], old["model"]["w"])
+    end = _mid_epoch_state(2, 0, 2, value=3.0)   # the end of the best epoch: it is the best
+    assert "rewrote" in ckpt_io.repair_best(end, out)
+    assert ckpt_io.read_checkpoint(os.path.join(out, "best.pt"))["epoch"] == 2
+
+
+def test_init_skips_tensors_of_another_shape_and_reports_k_of_n(tmp_path):
+    """--init from a checkpoint whose classifier has another class count: every tensor of the
+    same name and shape loads, the two classifier tensors are skipped, and the summary says
+    how many of the student's tensors were loaded.
+    Planted: the shape filter dropped (load_student_weights, now checkpoint.load_matching) ->
+    fails."""
+    torch.manual_seed(0)
+    src = create_model("resnet8", 10)
+    path = str(tmp_path / "stage1.pt")
+    torch.save({"model": src.state_dict()}, path)
+    torch.manual_seed(1)
+    dst = create_model("resnet8", 4)
+    fc_before = dst.fc.weight.detach().clone()
+    from gendd_fast.public_checkpoint import load_student_weights   # the one --init loader
+    msg = load_student_weights(path, dst)
+    n = len(dst.state_dict())
+    assert f"loaded {n - 2}/{n} student tensors" in msg
+    assert torch.equal(dst.fc.weight, fc_before)
+    for k, v in dst.state_dict().items():
+        if not k.startswith("fc."):
+            assert torch.equal(v, src.state_dict()[k]), k

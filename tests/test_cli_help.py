@@ -43,3 +43,24 @@ def test_help_with_a_recipe_shows_the_recipe_values():
     assert "(default: 10)" in _flag_help(text, "--mul")
     assert "(default: imagenet" not in _flag_help(text, "--dataset")  # a kind, not the recipe name
     assert "imagenet_r34_r18" in text
+
+
+def test_help_under_dataset_imagefolder_prints_the_defaults_that_run_uses(tmp_path):
+    """Planted bug checked: with only the recipes read (the old _effective_defaults), this
+    printed 32/32/30 and failed."""
+    from gendd_fast.config import config_from_args
+    argv = ["--dataset", "imagefolder", "--data-path", str(tmp_path), "--method", "ce"]
+    text = _help(argv + ["--help"])
+    cfg = config_from_args(argv)[0].resolved()  # what the run resolves
+    assert (cfg.image_size, cfg.val_resize, cfg.mul) == (224, 256, 10)
+    for flag, value in (("--image-size", cfg.image_size), ("--val-resize", cfg.val_resize),
+                        ("--mul", cfg.mul), ("--eval-batch-size", cfg.eval_batch_size)):
+        assert f"(default: {value})" in _flag_help(text, flag), flag
+    # a flag given on the command line feeds what depends on it
+    text = _help(["--dataset", "imagefolder", "--image-size", "64", "--help"])
+    assert "(default: 73)" in _flag_help(text, "--val-resize")
+
+
+def test_help_still_prints_when_a_flag_value_is_malformed():
+    text = _help(["--dataset", "imagefolder", "--epochs", "many", "--help"])
+    assert "(default: 32)" in _flag_help(text, "--image-size")  # fell back to the built-ins

@@ -163,6 +163,85 @@ def test_webdataset_shards(tmp_path):
     assert x.shape == (3, 16, 16) and y == -1  # unlabelled
 
 
+# -- the rules the planted bugs of issue 22 broke ---------------------------------------------
+def _crop_offset(out, padded, h, w):
+    """The (y, x) at which ``out`` was cut from ``padded`` (pixel values are unique)."""
+    hits = [(y, x) for y in range(padded.shape[0] - h + 1) for x in range(padded.shape[1] - w + 1)
+            if np.array_equal(padded[y:y + h, x:x + w], out)]
+    assert len(hits) == 1
+    return hits[0]
+
+
+def test_cifar_random_crop_offsets_cover_zero_to_twice_the_pad():
+    """RandomCrop(32, padding=4): the crop's top-left corner in the padded image is uniform over
+    0..2*pad on each axis, so over enough draws every one of the 9 x 9 offsets appears, each
+    about 1/81 of the time.
+    Planted: offsets drawn from 0..pad (the range halved) -> fails."""
+    from gendd_fast.data.transforms import pad_crop_flip
+    h = w = 6
+    pad = 4
+    img = (np.arange(h * w * 3, dtype=np.int32).reshape(h, w, 3) + 1).astype(np.int32)
+    padded = np.zeros((h + 2 * pad, w + 2 * pad, 3), np.int32)
+    padded[pad:pad + h, pad:pad + w] = img
+    rng = random.Random(7)
+    seen = {}
+    for _ in range(1600):
+        out = pad_crop_flip(img, pad, False, rng).permute(1, 2, 0).numpy()
+        off = _crop_offset(out, padded, h, w)
+        seen[off] = seen.get(off, 0) + 1
+    assert set(seen) == {(y, x) for y in range(2 * pad + 1) for x in range(2 * pad + 1)}
+    assert max(seen.values()) < 3 * 1600 / 81
+
+
+def test_training_batches_are_all_full_and_evaluation_sees_every_image():
+    """drop_last for training (every step has batch_size images, len() counts them), never for
+    evaluation (the partial last batch is scored).
+    Planted: drop_last off for training -> fails."""
+    cfg = make_config(method="ce", dataset="synthetic", synthetic_size=70, num_classes=4,
+                      image_size=8, batch_size=16, eval_batch_size=16, workers=0,
+                      device="cpu").resolved()
+    loaders = build_loaders(cfg, 0, 1, torch.device("cpu"))
+    loaders.train.set_epoch(0)
+    sizes = [x.shape[0] for x, _ in loaders.train]
+    assert sizes == [16] * (70 // 16) and len(loaders.train) == 70 // 16
+    loaders.val.set_epoch(0)
+    val = [x.shape[0] for x, _ in loaders.val]
+    assert sum(val) == 70 // 4 and val[-1] == 70 // 4 - 16
+
+
+def test_recipe_keys_with_hyphens_are_the_fields(tmp_path):
+    """A recipe may spell a field as its flag does: ``batch-size: 7`` is ``batch_size``.
+    Planted: hyphens no longer mapped to underscores -> fails."""
+    p = tmp_path / "r.yaml"
+    p.write_text("method: ce\nbatch-size: 7\neval-every: 3\nlr: 0.25\n")
+    assert load_yaml(str(p)) == {"method": "ce", "batch_size": 7, "eval_every": 3, "lr": 0.25}
+    cfg, _ = config_from_args(["--config", str(p)])
+    assert (cfg.batch_size, cfg.eval_every, cfg.lr) == (7, 3, 0.25)
+
+
+@pytest.mark.parametrize("batch,want", [(16, 128), (128, 128), (512, 512)])
+def test_eval_batch_size_defaults_to_the_larger_of_batch_size_and_128(batch, want):
+    """Evaluation needs no gradients: its default batch is max(batch_size, 128).
+    Planted: min instead of max -> fails."""
+    cfg = make_config(method="ce", dataset="cifar100", batch_size=batch).resolved()
+    assert cfg.eval_batch_size == want
+    assert make_config(method="ce", batch_size=batch, eval_batch_size=40).resolved() \
+        .eval_batch_size == 40
+
+
+def test_epochs_are_part_of_the_run_identity():
+    """A resume with another --epochs changes the schedule's length (cosine, beta2 ramp, step
+    decay), so it is refused and the field is named, like lr; fields that do not change what
+    is computed (output, workers) are not.
+    Planted: epochs dropped from the run identity -> fails."""
+    import dataclasses
+
+    from gendd_fast.config import config_diff
+    a = dataclasses.asdict(make_config(method="ce", epochs=10))
+    b = dataclasses.asdict(make_config(method="ce", epochs=20, workers=3, output="elsewhere"))
+    assert config_diff(a, b) == ["epochs: checkpoint has 10, this run has 20"]
+
+
 def test_ranges_and_choices_come_from_the_field_declarations():
     """field_range / field_choices answer from each field's one declaration, and validation
     checks every declared range (a new field with a range is checked without more code).
@@ -182,3 +261,28 @@ def test_ranges_and_choices_come_from_the_field_declarations():
             validate(dataclasses.replace(Config(teacher="resnet8"), **{f.name: bad}))
     with pytest.raises(ValueError, match=r"--smooth must be in \[0, 1\), got 1.0"):
         validate(Config(teacher="resnet8", smooth=1.0))
+
+
+def test_data_path_without_dataset_is_inferred_with_a_notice_or_refused(tmp_path, capsys):
+    """Planted bug checked: without infer_dataset_notice the folder trained the built-in digits
+    (dataset 'digits') and the first assertion failed."""
+    from gendd_fast.config import config_from_args
+    root = tmp_path / "imgs"
+    for split in ("train", "val"):
+        (root / split / "cat").mkdir(parents=True)
+    cfg, _ = config_from_args(["--data-path", str(root), "--method", "ce"])
+    assert cfg.dataset == "imagefolder"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "without --dataset" in err[0] and "imagefolder" in err[0]
+    cifar = tmp_path / "c"
+    (cifar / "cifar-100-python").mkdir(parents=True)
+    for f in ("train", "test"):
+        (cifar / "cifar-100-python" / f).write_bytes(b"")
+    assert config_from_args(["--data-path", str(cifar), "--method", "ce"])[0].dataset == "cifar100"
+    # a given --dataset is never second-guessed
+    given = ["--data-path", str(cifar), "--dataset", "cifar10", "--method", "ce"]
+    assert config_from_args(given)[0].dataset == "cifar10"
+    with pytest.raises(ValueError, match="without --dataset .*add --dataset"):
+        config_from_args(["--data-path", str(tmp_path / "c" / "cifar-100-python" / "train")])
+    with pytest.raises(ValueError, match="without --dataset"):
+        config_from_args(["--data-path", str(tmp_path)])  # neither layout: refused

@@ -203,6 +203,31 @@ def test_bad_betas_rejected():
         GaussianDiffusion(np.array([0.1, -0.2]))
 
 
+def test_ddim_eta0_loop_matches_a_hand_computed_respaced_loop():
+    """DDIM (eta 0) over 'ddim5' (kept steps 0, 200, ..., 800), by hand in float64: x0 from the
+    predicted eps, then x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps, with the head
+    called at the original timestep of each kept step. (Planted: calling the model with the
+    respaced index 0..4 instead of the original timestep fails this test.)"""
+    diff = create_diffusion("ddim5")
+    betas = get_named_beta_schedule("cosine", 1000)
+    abar_full = np.cumprod(1.0 - betas)
+    kept = [0, 200, 400, 600, 800]
+    torch.manual_seed(3)
+    w = torch.randn(8, 4, dtype=torch.float64)
+
+    def model(x, t, **_):
+        return torch.tanh(x.double() @ w.T + t.double()[:, None] / 1000.0)
+
+    xT = torch.randn(3, 4)
+    got = diff.ddim_sample_loop(model, (3, 4), noise=xT, eta=0.0)
+    x = xT.double()
+    for k in reversed(range(5)):
+        a = float(abar_full[kept[k]])
+        a_prev = float(abar_full[kept[k - 1]]) if k > 0 else 1.0
+        eps = model(x, torch.full((3,), kept[k]))[:, :4]
+        x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+        x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+    torch.testing.assert_close(got.double(), x, rtol=1e-4, atol=1e-5)
 # Guards from the mutation run (moved from test_mutation_guards.py): each pins a behaviour the rest
 # of the suite did not, with inputs where the wrong and right formulas disagree; each docstring
 # names the planted bugs it was run against and failed on.

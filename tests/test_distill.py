@@ -273,3 +273,93 @@ def test_a_new_method_is_one_class_and_one_registration():
         assert loss.item() >= 0 and set(parts) == {"l2"}
     finally:
         base._METHODS.pop("test-l2")
+
+
+# -- the rules the planted bugs of issue 22 broke ---------------------------------------------
+class _LinearStudent(torch.nn.Module):
+    """A student that is one fixed linear map: its logits are known without running a CNN."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.w = torch.nn.Parameter(w.clone())
+
+    def forward(self, x):
+        return x @ self.w
+
+
+def test_kd_total_is_alpha_ce_plus_one_minus_alpha_t2_kl():
+    """KD's total is alpha * CE(s, y) + (1 - alpha) * T^2 * KL(softmax(t/T) || softmax(s/T)),
+    computed here element by element in float64 (alpha 0.3, so swapping the weights changes it).
+    Planted: alpha applied to the KD term instead of CE (weights swapped) -> fails."""
+    from gendd_fast.distill import KD
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(6, 4, generator=g), torch.randn(4, 5, generator=g)
+    t_logits, y = torch.randn(6, 5, generator=g) * 2, torch.tensor([0, 1, 4, 2, 2, 3])
+    alpha, T = 0.3, 2.0
+    loss, parts = KD(_LinearStudent(w), T=T, alpha=alpha)(x, y, (None, t_logits))
+    s = (x @ w).double()
+    t = t_logits.double()
+    ce = kl = 0.0
+    for i in range(6):
+        ce = ce - (s[i, y[i]] - torch.logsumexp(s[i], 0))
+        p_t = torch.exp(t[i] / T - torch.logsumexp(t[i] / T, 0))
+        log_p_s = s[i] / T - torch.logsumexp(s[i] / T, 0)
+        kl = kl + (p_t * (torch.log(p_t) - log_p_s)).sum()
+    ce, kl = ce / 6, kl / 6
+    want = alpha * ce + (1 - alpha) * T * T * kl
+    assert abs(float(ce) - float(T * T * kl)) > 0.1   # the swap would show
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(parts["ce"].double(), ce, rtol=1e-5, atol=1e-6)
+
+
+def _mixing_weights(g, draws):
+    """The m of each mix() call, read off one-hot conditions: row i becomes
+    m e_i + (1 - m) e_p(i), so a moved row's off-diagonal entry is 1 - m."""
+    eye = torch.eye(4)
+    ms = []
+    for _ in range(draws):
+        zm, _ = g.mix(eye, eye)
+        off = zm - torch.diag(torch.diag(zm))
+        if off.abs().max() > 0:   # p is not the identity
+            ms.append(1.0 - float(off.max()))
+    return torch.tensor(ms, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("beta", [0.4, 3.0])
+def test_mixing_weight_is_beta_beta_distributed(beta):
+    """m ~ Beta(beta, beta): mean 1/2 and variance 1 / (4 (2 beta + 1)) over many draws (at
+    beta != 1, Beta(beta, 1) has mean beta / (beta + 1) and another variance).
+    Planted: m drawn from Beta(beta, 1) -> fails."""
+    g = make_gendd(beta=beta)
+    torch.manual_seed(1)
+    m = _mixing_weights(g, 3000)
+    assert len(m) > 2500
+    want_var = 1.0 / (4 * (2 * beta + 1))
+    assert abs(float(m.mean()) - 0.5) < 4 * math.sqrt(want_var / len(m)) + 1e-3
+    assert float(m.var()) == pytest.approx(want_var, rel=0.12)
+    assert 0.0 <= float(m.min()) and float(m.max()) <= 1.0
+
+
+def test_condition_is_the_affine_layernorm_of_the_student_feature(monkeypatch):
+    """The head's condition is z = LayerNorm(f_s) over D_s with the default eps and the
+    projector's own affine parameters (cls_projector.0), written out here by hand.
+    Planted: the condition LayerNorm bypassed (z = f_s) -> fails."""
+    g = make_gendd(beta=0.0)
+    with torch.no_grad():
+        g.cls_projector[0].weight.copy_(torch.linspace(0.5, 2.0, 64))
+        g.cls_projector[0].bias.copy_(torch.linspace(-1.0, 1.0, 64))
+    seen = {}
+
+    def capture(target, z, mul, cond_drop, **kw):
+        seen["z"] = z
+        return z.sum() * 0 + target.sum() * 0
+
+    monkeypatch.setattr(g.diffloss, "distill_loss", capture)
+    x, y = torch.randn(3, 3, 32, 32), torch.tensor([1, 2, 3])
+    g(x, y, (torch.randn(3, 128), None))
+    f_s = g.student.forward_features(x)
+    mu = f_s.mean(1, keepdim=True)
+    var = ((f_s - mu) ** 2).mean(1, keepdim=True)
+    want = (f_s - mu) / torch.sqrt(var + 1e-5) * g.cls_projector[0].weight \
+        + g.cls_projector[0].bias
+    torch.testing.assert_close(seen["z"], want, rtol=1e-4, atol=1e-5)

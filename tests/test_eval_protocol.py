@@ -178,3 +178,24 @@ def test_classes_a_training_list_never_names_count_zero(tmp_path):
                       val_list=train_list)
     assert training_class_counts(cfg, 5).tolist() == [101, 20, 5, 0, 0]
     assert training_class_counts(cfg).tolist() == [101, 20, 5, 0]  # --num-classes 4
+
+
+def test_balanced_list_with_an_empty_class_reports_no_shot_split(tmp_path):
+    """--shot-split auto reports the split for a long-tailed list: some class with more than
+    100 images and some *trained* class with fewer than 20. A class with no image at all is no
+    evidence of a long tail: a balanced list of 101 per class plus an empty class (named by
+    --num-classes) gets no split, and an explicit --shot-split on still counts it as 0.
+    Planted: zero-image classes counted as few-shot -> fails."""
+    root = str(tmp_path)
+    train_list = _png_list(root, "train.txt", [101, 101, 101])
+    cfg = tiny_config(tmp_path, "ce", dataset="filelist", data_path=root, train_list=train_list,
+                      val_list=train_list, num_classes=4)
+    assert training_class_counts(cfg) is None
+    assert training_class_counts(cfg, 5) is None
+    on = tiny_config(tmp_path, "ce", dataset="filelist", data_path=root, train_list=train_list,
+                     val_list=train_list, num_classes=4, shot_split="on")
+    assert training_class_counts(on).tolist() == [101, 101, 101, 0]
+    tail = _png_list(root, "tail.txt", [101, 101, 5])
+    lt = tiny_config(tmp_path, "ce", dataset="filelist", data_path=root, train_list=tail,
+                     val_list=tail, num_classes=4)
+    assert training_class_counts(lt).tolist() == [101, 101, 5, 0]

@@ -181,3 +181,63 @@ def test_resume_is_exact_with_the_prior_and_batch_augmentation(tmp_path, teacher
     assert set(a) == set(b)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+_PRIOR_WORKER = r"""
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_ikl import ikl_prior_after_one_epoch
+from gendd_fast.distributed import init_distributed, shutdown
+env = init_distributed("cpu")
+torch.save(ikl_prior_after_one_epoch(env.rank, env.world), {out!r} + str(env.rank))
+shutdown()
+"""
+
+
+def ikl_prior_after_one_epoch(rank=0, world=1, k=5, steps=4):
+    """The IKL prior at the first step of epoch 1, after this rank's share of epoch 0: step j's
+    batch of 8 is split over ``world`` ranks as a sampler would (rank r: rows r, r + world...)."""
+    d = IKL(torch.nn.Linear(2, k), k, T2=2.0, gi=True)
+    for j in range(steps):
+        t, y = _teacher_logits(k, seed=100 + j)
+        d.class_weights(t[rank::world], F.one_hot(y[rank::world], k).float(), (j + 1) / steps)
+    t, y = _teacher_logits(k, seed=999)
+    d.class_weights(t, F.one_hot(y, k).float(), 1 + 1 / steps)   # rolls the epoch
+    return {"prior": d.prior.clone(), "seen": d.prior_seen.clone()}
+
+
+def test_two_process_ikl_prior_equals_one_process(tmp_path):
+    """The class-wise prior is a mean over the whole epoch's images, all ranks together: two
+    gloo processes, each with half of every batch, end epoch 0 with the one-process prior.
+    Planted: the class accumulators not all-reduced across ranks -> fails."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    one = ikl_prior_after_one_epoch()
+    half = ikl_prior_after_one_epoch(0, 2)
+    assert not torch.allclose(half["prior"], one["prior"])   # a rank alone sees another mean
+    script, out = tmp_path / "worker.py", str(tmp_path / "prior")
+    script.write_text(_PRIOR_WORKER.format(tests=here, out=out))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+               WORLD_SIZE="2", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    procs = [subprocess.Popen([sys.executable, str(script)], cwd=root, stderr=subprocess.PIPE,
+                              text=True, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
+             for r in range(2)]
+    try:
+        errs = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, e in zip(procs, errs):
+        assert p.returncode == 0, e[-2000:]
+    for r in range(2):
+        got = torch.load(out + str(r), weights_only=True)
+        assert torch.equal(got["seen"], one["seen"]), r
+        torch.testing.assert_close(got["prior"], one["prior"], rtol=1e-6, atol=1e-7)

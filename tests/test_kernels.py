@@ -320,3 +320,51 @@ def test_noise_injection_gradients_for_x0_and_eps():
     # eps alone requiring grad (x0 a constant) still gets its gradient
     (deps2,) = torch.autograd.grad(noise_injection(x0.detach(), eps, t, sa, s1a), [eps], g)
     rel_close(deps2, g.double() * (1 - ac).sqrt(), 1e-5, "deps (eps only)")
+
+
+def _poisoned(rows, W, block, value, gen, scale=1.0, offset=0.0):
+    """A (rows, W) view into a (rows, block) buffer whose lanes past W hold ``value``: a kernel
+    that reads or writes lanes it does not own is caught."""
+    buf = torch.full((rows, block), value)
+    buf[:, :W] = offset + scale * torch.randn(rows, W, generator=gen)
+    return buf, buf[:, :W]
+
+
+def test_layernorm_kernels_mask_the_lanes_past_the_width():
+    """LayerNorm statistics and the LN-modulation backward on a width that is not a power of two
+    (40, block 64), every input a row-strided view whose padding lanes hold 1e4 (1-D weights
+    too), outputs written into padded buffers: the results equal the float64 reference and
+    the padding of the outputs keeps its sentinel.
+    Planted: the LayerNorm statistics kernel's load not masked past the width -> fails; its
+    centred difference not masked -> fails; the backward's d-shift store not masked -> fails.
+    (Unmasked loads of h or ln_w in the backward change nothing: the masked xhat and du zero
+    those lanes, so those plants pass, rightly.)"""
+    from gendd_fast.kernels.layernorm import ln_mod_backward, ln_stats
+    n, W, B, eps = 7, 40, 64, 1e-6
+    gen = torch.Generator().manual_seed(3)
+    _, h = _poisoned(n, W, B, 1e4, gen, offset=3.0)
+    _, du = _poisoned(n, W, B, 1e4, gen)
+    _, scale = _poisoned(n, W, B, 1e4, gen, scale=0.3)
+    _, g = _poisoned(n, W, B, 1e4, gen)
+    _, lw = _poisoned(1, W, B, 1e4, gen, scale=0.2, offset=1.0)
+    _, lb = _poisoned(1, W, B, 1e4, gen, scale=0.2)
+    lw, lb = lw[0], lb[0]
+    mean, rstd = ln_stats(h, eps)
+    hd = h.double()
+    torch.testing.assert_close(mean.double(), hd.mean(1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rstd.double(), torch.rsqrt(hd.var(1, unbiased=False) + eps),
+                               rtol=1e-4, atol=1e-6)
+    ds_buf, dshift = _poisoned(n, W, B, 7.0, gen)
+    dc_buf, dscale = _poisoned(n, W, B, 7.0, gen)
+    dh, dw, db = ln_mod_backward(du, h, mean, rstd, scale, dshift, dscale, lw, lb, g)
+    # reference by autograd in float64
+    hh, ww, bb, sc = (t.double().clone().requires_grad_(True) for t in (h, lw, lb, scale))
+    shift = torch.zeros_like(hh, requires_grad=True)
+    normed = F.layer_norm(hh, (W,), ww, bb, eps)
+    u = normed * (1 + sc) + shift
+    u.backward(du.double())
+    for got, want, name in ((dh, hh.grad + g.double(), "dh"), (dw, ww.grad, "dln_w"),
+                            (db, bb.grad, "dln_b"), (dshift, shift.grad, "dshift"),
+                            (dscale, sc.grad, "dscale")):
+        close(got, want, name=name)
+    assert bool((ds_buf[:, W:] == 7.0).all()) and bool((dc_buf[:, W:] == 7.0).all())

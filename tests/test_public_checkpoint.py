@@ -134,3 +134,22 @@ def test_teacher_from_public_checkpoint(tmp_path):
     again = create_model(TEACHER, 4)
     load_teacher_weights(plain, again)
     assert torch.equal(again.fc.weight, model.fc.weight)
+
+
+def test_public_checkpoint_with_cls_centers_and_no_classifier_weight_evaluates(gendd_run):
+    """The public DiffModel keeps the teacher's classifier weight twice: ``classifier.weight``
+    and the buffer ``cls_centers``. A file holding only ``cls_centers`` still gives the sampled
+    features their classifier: it evaluates exactly as our own checkpoint of the same weights.
+    Planted: cls_centers no longer used as the teacher classifier -> fails."""
+    tmp, cfg, ours = gendd_run
+    pub = public_state(join_state(ours))
+    del pub["classifier.weight"]
+    assert "cls_centers" in pub
+    assert torch.equal(to_gendd_fast(pub)["teacher_fc.weight"], pub["cls_centers"])
+    path = save_public(tmp / "centers_only.pth", pub, "cifar")
+    common = ["--sampling-steps", "4", "--num-sampling", "1", "--device", "cpu", "--seed", "3"]
+    want = evaluate.main(["--checkpoint", os.path.join(cfg.output, "last.pt")] + common)
+    got = evaluate.main(["--checkpoint", path, "--config", _recipe(tmp, cfg),
+                         "--student", STUDENT, "--teacher", TEACHER] + common)
+    for k in ("top1", "sample_top1", "sample_top5", "n"):
+        assert got[k] == pytest.approx(want[k]), k

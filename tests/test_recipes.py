@@ -4,9 +4,12 @@ One row per recipe: what the reference's launch script and training script set f
 (the public GenDD code's launch and training scripts). A recipe that drifts from the reference
 fails here by name and field.
 """
+import glob
+import os
+
 import pytest
 
-from gendd_fast.config import config_from_args
+from gendd_fast.config import CONFIG_DIR, config_from_args
 from gendd_fast.optim import LRSchedule
 
 CIFAR = dict(method="gendd", dataset="cifar100", epochs=240, batch_size=64, opt="adamw",
@@ -104,3 +107,43 @@ def test_public_pairs_each_have_a_recipe():
     for name in ("cifar100_vgg13_resnet20", "cifar100_wrn_40_2_resnet8x4",
                  "cifar100_wrn_40_2_wrn_40_1", "cc3m_unsupervised_r34_r18"):
         assert name in RECIPES and resolved(name).method == "gendd"
+
+
+# -- constants pinned to the public code ------------------------------------------------------
+SGD_RECIPES = sorted(os.path.basename(p)[:-5]
+                     for p in glob.glob(os.path.join(CONFIG_DIR, "*.yaml"))
+                     if "opt: sgd" in open(p).read())
+
+
+@pytest.mark.parametrize("name", SGD_RECIPES)
+def test_sgd_is_plain_momentum_sgd_as_the_public_code(name):
+    """The public code's SGD is ``torch.optim.SGD(params, lr, momentum=0.9, weight_decay=wd)``,
+    no Nesterov (jiequancui/Generative-Distribution-Distillation, ``ResNet8/main_lt_sgd.py``, the
+    ImageNet-LT script; the method notes say the same of ``GenDD_cifar/train_teacher.py``, which
+    the stored copy of the repository does not include). Every recipe that trains with SGD
+    (teachers, KD / DKD baselines) gets exactly that.
+    Planted: SGD's nesterov flipped to True -> fails."""
+    import torch
+
+    from gendd_fast.optim import build_optimizer
+    cfg, _ = config_from_args(["--config", name])
+    opt = build_optimizer(cfg, torch.nn.Linear(3, 2), torch.device("cpu"))
+    assert isinstance(opt, torch.optim.SGD)
+    for g in opt.param_groups:
+        assert g["nesterov"] is False and g["momentum"] == 0.9 and g["dampening"] == 0
+    assert cfg.momentum == 0.9
+
+
+def test_sgd_recipes_include_the_teacher_and_the_baselines():
+    assert {"cifar100_teacher", "cifar100_kd"} <= set(SGD_RECIPES)
+
+
+def test_cifar100_normalisation_is_the_public_codes():
+    """mean (0.5071, 0.4867, 0.4408), std (0.2675, 0.2565, 0.2761): ``transforms.Normalize`` in
+    every loader of jiequancui/Generative-Distribution-Distillation
+    ``GenDD_cifar/dataset/cifar100.py``, written out here (not read from our code).
+    Planted: the mean slipped a digit (0.5071 -> 0.5017) -> fails."""
+    from gendd_fast.data.transforms import normalization_for
+    mean, std = normalization_for("cifar100")
+    assert tuple(mean) == (0.5071, 0.4867, 0.4408)
+    assert tuple(std) == (0.2675, 0.2565, 0.2761)

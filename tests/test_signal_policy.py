@@ -124,8 +124,8 @@ def test_sigterm_during_an_evaluation_pass_saves_the_position_before_it(tmp_path
     and last.pt recorded the next epoch (step_in_epoch 0), so its evaluation was lost."""
     out = tmp_path / "run"
     args = _gendd_cmd(tmp_path, out, "--epochs", "2", "--sample-eval", "every",
-                      "--sampling-steps", "400", "--eval-batch-size", "1")
-    rc, err, took = _run_and_signal(tmp_path, "evaluation", args, delay=0.5)
+                      "--sampling-steps", "1000", "--eval-batch-size", "1")
+    rc, err, took = _run_and_signal(tmp_path, "evaluation", args, delay=0.05)
     assert rc == 0, err[-3000:]
     assert "during the evaluation of epoch 1" in err, err[-3000:]
     state = ckpt_io.read_checkpoint(str(out / "last.pt"))
@@ -133,7 +133,7 @@ def test_sigterm_during_an_evaluation_pass_saves_the_position_before_it(tmp_path
     assert took < 20, took
     r = subprocess.run([sys.executable, "-m", "gendd_fast.train",
                         *_gendd_cmd(tmp_path, out, "--epochs", "2", "--sample-eval", "every",
-                                    "--sampling-steps", "400", "--eval-batch-size", "8",
+                                    "--sampling-steps", "1000", "--eval-batch-size", "8",
                                     "--resume", "auto")],
                        cwd=REPO, capture_output=True, text=True, timeout=300, env=_env())
     assert r.returncode == 0, r.stderr[-3000:]

@@ -1,13 +1,15 @@
-"""Pretrained teachers by name (timm:NAME, torchvision:NAME): weights from a local file through
-the libraries' own loading path, the pooled pre-logit feature, input renormalisation, errors.
+"""Pretrained teachers by name (timm:NAME, torchvision:NAME): weights from a local file, the
+pooled pre-logit feature, input renormalisation, errors.
 
-timm and torchvision are optional: the tests that build their models skip only where the
-package cannot be imported (the CPU torchvision wheel here is CUDA-linked). The adapter, the
-local-file loading and the renormalisation run everywhere on the zoo's ResNet-18, whose state
-dict has torchvision's exact keys."""
+timm and torchvision are test requirements (requirements-nodeps.txt, installed by .ci/run with
+--no-deps so pip never replaces the CPU torch): these tests run, never skip. The torchvision
+wheel served here is built for a CUDA torch; it imports through the model layer's
+_SkipOpRegistrations, which the last tests pin."""
 import datetime
 import importlib
 import os
+import sys
+import types
 
 import pytest
 import torch
@@ -15,19 +17,15 @@ import torch
 from gendd_fast.config import make_config
 from gendd_fast.data.transforms import normalization_for
 from gendd_fast.models import build_teacher, create_model, list_models
-from gendd_fast.models.external import (ExternalBackbone, load_into, renormalisation,
-                                        source_available)
+from gendd_fast.models.external import (ExternalBackbone, _SkipOpRegistrations, load_into,
+                                        renormalisation, source_available)
 from gendd_fast.train import train
 from helpers import read_metrics
 
 
-def _has(source):
-    return source_available(source)
-
-
-needs_timm = pytest.mark.skipif(not _has("timm"), reason="timm cannot be imported here")
-needs_tv = pytest.mark.skipif(not _has("torchvision"),
-                              reason="torchvision cannot be imported here")
+def test_timm_and_torchvision_import_here():
+    """The CI promise: were either missing or failing, every test below would fail too."""
+    assert source_available("torchvision") and source_available("timm")
 
 
 def test_adapter_gives_the_pooled_feature_and_the_classifier():
@@ -103,10 +101,23 @@ def test_clear_errors_for_names_flags_and_missing_packages(tmp_path):
         make_config(method="kd", teacher="resnet34", teacher_pretrained=True)
     with pytest.raises(ValueError, match="--teacher-weights applies to torchvision"):
         make_config(method="kd", teacher="timm:resnet18", teacher_weights="DEFAULT")
-    for source in ("timm", "torchvision"):
-        if not _has(source):
-            with pytest.raises(ImportError, match=f"needs the '{source}' package"):
-                create_model(f"{source}:resnet18", 10)
+    import builtins
+    real_import = builtins.__import__
+
+    def no_timm(name, *a, **k):
+        if name.split(".")[0] == "timm":
+            raise ImportError("No module named 'timm'")
+        return real_import(name, *a, **k)
+    saved = {k: v for k, v in sys.modules.items() if k.split(".")[0] == "timm"}
+    for k in saved:
+        del sys.modules[k]
+    try:
+        builtins.__import__ = no_timm
+        with pytest.raises(ImportError, match="needs the 'timm' package"):
+            create_model("timm:resnet18", 10)
+    finally:
+        builtins.__import__ = real_import
+        sys.modules.update(saved)
     cfg = make_config(method="kd", teacher="resnet8", dataset="digits")
     with pytest.raises(ValueError, match="needs --teacher-checkpoint"):
         build_teacher(cfg, 10)
@@ -121,7 +132,6 @@ def test_list_models_shows_external_names():
 
 
 # -- with the libraries -------------------------------------------------------------------------
-@needs_tv
 def test_torchvision_teacher_from_a_local_file_matches_the_zoo(tmp_path):
     torch.manual_seed(0)
     ref = create_model("resnet18", 1000).eval()  # torchvision's exact keys
@@ -139,7 +149,6 @@ def test_torchvision_teacher_from_a_local_file_matches_the_zoo(tmp_path):
         create_model("torchvision:resnet_nope", 10)
 
 
-@needs_timm
 def test_timm_vit_pre_logit_feature_through_timm_pretrained_loading(tmp_path):
     timm = importlib.import_module("timm")
     torch.manual_seed(0)
@@ -166,7 +175,6 @@ def test_timm_vit_pre_logit_feature_through_timm_pretrained_loading(tmp_path):
         build_teacher(cfg, 10)
 
 
-@needs_timm
 def test_gendd_with_a_timm_teacher_trains_end_to_end(tmp_path):
     timm = importlib.import_module("timm")
     ref = timm.create_model("resnet18", pretrained=False)
@@ -181,3 +189,43 @@ def test_gendd_with_a_timm_teacher_trains_end_to_end(tmp_path):
                       output=os.path.join(str(tmp_path), "run"))
     train(cfg)
     assert len(read_metrics(cfg.output)) >= 1
+
+
+def test_a_10_class_local_timm_file_builds_with_its_class_count_and_trains(tmp_path):
+    """--teacher-pretrained with a 10-class file: built with 10 classes, no download wording.
+    Planted bug checked: building with timm's 1000-class default (the old path) failed here
+    with 'size mismatch ... download'."""
+    timm = importlib.import_module("timm")
+    torch.manual_seed(0)
+    ref = timm.create_model("resnet10t", pretrained=False, num_classes=10).eval()
+    path = os.path.join(str(tmp_path), "r10t_10cls.pth")
+    torch.save({"state_dict": ref.state_dict()}, path)
+    kw = dict(method="gendd", teacher="timm:resnet10t", teacher_pretrained=True,
+              teacher_checkpoint=path, student="resnet8", dataset="synthetic", num_classes=10,
+              synthetic_size=32, batch_size=16, epochs=1, max_steps=2, workers=0,
+              device="cpu", diffloss_w=32, diffloss_d=1, mul=1, sampling_steps="4",
+              plot=False, progress=False, sample_eval="never")
+    t = build_teacher(make_config(**kw), 10).eval()
+    assert t.fc.out_features == 10
+    for k, v in ref.state_dict().items():
+        assert torch.equal(t.net.state_dict().get(k, t.fc.state_dict().get(k.split(".")[-1])), v)
+    with pytest.raises(ValueError, match="classifies 10 classes but the dataset has 100") as e:
+        build_teacher(make_config(**dict(kw, num_classes=100)), 100)
+    assert "download" not in str(e.value)
+    cfg = make_config(**kw, output=os.path.join(str(tmp_path), "run"))
+    train(cfg)
+    assert len(read_metrics(cfg.output)) >= 1
+
+
+def test_op_registration_skip_is_inert_where_torchvision_ops_load(monkeypatch):
+    """On a GPU machine with a matching torch nothing changes: with the ops loaded the finder
+    declines, and it declines every other module always."""
+    finder = _SkipOpRegistrations()
+    monkeypatch.setitem(sys.modules, "torchvision.extension",
+                        types.SimpleNamespace(_has_ops=lambda: True))
+    assert finder.find_spec("torchvision._meta_registrations", None) is None
+    monkeypatch.setitem(sys.modules, "torchvision.extension",
+                        types.SimpleNamespace(_has_ops=lambda: False))
+    assert finder.find_spec("torchvision._meta_registrations", None) is not None
+    assert finder.find_spec("torchvision.models", None) is None
+    assert finder not in sys.meta_path  # active only while import_source runs

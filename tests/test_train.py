@@ -192,6 +192,11 @@ def test_sigterm_saves_and_exits_then_resume_finishes(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
+    # the last line and metrics.jsonl's last record say it was interrupted, not "done"
+    assert "interrupted by signal SIGTERM" in err.strip().splitlines()[-1], err[-500:]
+    import json
+    end = json.loads(metrics.read_text().splitlines()[-1])
+    assert end["type"] == "end" and end["status"] == "interrupted"
     state = torch.load(out / "last.pt", weights_only=False)
     assert 0 < state["global_step"] < 800
     r = subprocess.run(cmd + ["--resume", "auto", "--max-steps", str(state["global_step"] + 3)],
@@ -424,7 +429,8 @@ def test_cuda_graph_on_is_refused_on_cpu_in_one_line(tmp_path, teacher_ckpt):
 def test_cuda_graph_refusal_names_variable_shapes_and_other_blockers():
     """Each blocker gets its own reason, checked as if on a CUDA device (nothing runs there):
     a loader that keeps a short last batch, --skip-bad-images, fp16's scaler, DDP, SGD, a
-    reference head. A refusal that missed one would let a capture fail mid-run."""
+    reference head, --labeled-fraction below 1. A refusal that missed one would let a capture
+    fail mid-run."""
     from types import SimpleNamespace as NS
 
     from gendd_fast.config import Config
@@ -438,6 +444,7 @@ def test_cuda_graph_refusal_names_variable_shapes_and_other_blockers():
     cases = [
         (dict(), cuda, 1, "bf16", NS(train=NS(train=False)), fused, "short last batch"),
         (dict(skip_bad_images=True), cuda, 1, "bf16", fixed, fused, "--skip-bad-images"),
+        (dict(labeled_fraction=0.5), cuda, 1, "bf16", fixed, fused, "--labeled-fraction"),
         (dict(), cuda, 1, "fp16", fixed, fused, "--amp fp16"),
         (dict(), cuda, 2, "bf16", fixed, fused, "2 processes"),
         (dict(opt="sgd"), cuda, 1, "bf16", fixed, fused, "AdamW"),
@@ -513,3 +520,161 @@ def test_graphed_step_work_never_syncs_with_the_host(tmp_path, teacher_ckpt, mon
         assert any(not torch.equal(a, b) for a, b in zip(after, before))  # the step ran
     finally:
         trainer.release_lock()
+
+
+# -- the trainer's loop: schedule position, evaluation cadence, best.pt across a resume ---------
+def test_each_step_gets_the_schedule_at_its_own_step_and_fractional_epoch(tmp_path, monkeypatch):
+    """Step s (1-based) of epoch e trains at lr(g) with g = e * spe + s - 1 its 0-based global
+    step (linear warm-up lr (g + 1) / W, then cosine to min_lr, written out here), and hands the
+    method the fractional epoch e + s / spe (so the last step of epoch e is at e + 1).
+    Planted: the fractional epoch passed one step late -> fails."""
+    import math
+    seen = []
+    real = CE.forward
+
+    def recording(self, images, labels, teacher_out=None, progress=0.0):
+        seen.append(progress)
+        return real(self, images, labels, teacher_out, progress)
+
+    monkeypatch.setattr(CE, "forward", recording)
+    cfg = tiny_config(tmp_path, "ce", epochs=3, lr=0.1, min_lr=0.01, sched="cos",
+                      warmup_epochs=1)
+    train(cfg)
+    spe, total, warm = 4, 12, 4
+    assert seen == pytest.approx([e + s / spe for e in range(3) for s in range(1, spe + 1)])
+    rows = read_metrics(cfg.output)
+    assert [r["step"] for r in rows] == list(range(1, total + 1))
+    for r in rows:
+        g = r["step"] - 1
+        want = 0.1 * (g + 1) / warm if g < warm else \
+            0.01 + 0.09 * 0.5 * (1 + math.cos(math.pi * (g - warm) / (total - warm)))
+        assert r["lr"] == pytest.approx(want, rel=1e-9), g
+
+
+def test_eval_every_n_epochs_evaluates_epochs_n_2n_and_the_last(tmp_path):
+    """--eval-every 2 over 5 epochs: validation rows for epochs 2 and 4 (1-based), and 5, the
+    last, always.
+    Planted: the epoch test off by one -> fails."""
+    cfg = tiny_config(tmp_path, "ce", epochs=5, eval_every=2, synthetic_size=32)
+    train(cfg)
+    assert [r["epoch"] for r in read_metrics(cfg.output, "val")] == [2, 4, 5]
+
+
+def test_best_checkpoint_survives_a_resume_unless_beaten(tmp_path, monkeypatch):
+    """best.pt is replaced only by a better score than the best so far, also the best of the
+    run before a resume: scores 50, 30 (stop), then 40 after resuming keep epoch 1's best.pt;
+    a later 60 replaces it.
+    Planted: the best score not restored on resume -> fails."""
+    import dataclasses
+
+    import gendd_fast.train as train_mod
+    scores = iter([50.0, 30.0, 40.0, 60.0])
+    monkeypatch.setattr(train_mod, "evaluate",
+                        lambda *a, **kw: {"top1": next(scores), "top5": 100.0, "n": 16})
+    cfg = tiny_config(tmp_path, "ce", epochs=4, max_steps=8)
+    train(cfg)
+
+    def best_epoch():
+        return ckpt_io.read_checkpoint(os.path.join(cfg.output, "best.pt"))["epoch"]
+
+    assert best_epoch() == 1
+    train(dataclasses.replace(cfg, max_steps=12, resume="auto"))   # epoch 3 scores 40
+    assert best_epoch() == 1
+    train(dataclasses.replace(cfg, max_steps=0, resume="auto"))    # epoch 4 scores 60
+    assert best_epoch() == 4
+
+
+def test_plain_torch_load_weights_only_opens_a_fresh_checkpoint(tmp_path):
+    """No allow-list needed: the RNG states are tensors and plain numbers. Planted bug checked:
+    with NumPy's state stored as np.random.get_state() (the old format) the plain load raised
+    UnpicklingError ('Unsupported global')."""
+    cfg = tiny_config(tmp_path, "ce", epochs=1, max_steps=2, sample_eval="never")
+    train(cfg)
+    state = torch.load(os.path.join(cfg.output, "last.pt"), weights_only=True)  # no safe_globals
+    assert isinstance(state["rng"][0]["numpy"]["keys"], torch.Tensor)
+
+
+def test_rng_states_round_trip_and_old_numpy_tuples_still_restore():
+    import random
+
+    import numpy as np
+    random.seed(3)
+    np.random.seed(4)
+    torch.manual_seed(5)
+    s = ckpt_io.rng_state()
+    want = (random.random(), float(np.random.rand()), float(torch.rand(())))
+    np.random.randn()  # leaves a cached Gaussian in some NumPy versions: must round trip too
+    ckpt_io.set_rng_state(s)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == want
+    np.random.seed(4)
+    old = dict(ckpt_io.rng_state(), numpy=np.random.get_state())  # an old checkpoint's entry
+    a = float(np.random.rand())
+    ckpt_io.set_rng_state(old)
+    assert float(np.random.rand()) == a
+
+
+def test_trainer_and_evaluate_print_the_same_sampling_number_for_one_checkpoint(
+        tmp_path, teacher_ckpt, capsys):
+    """One number per checkpoint: the noise is keyed by (seed, image index, draw), not by the
+    generator's position. Planted bug checked: with image_ids dropped in evaluate() (the global
+    generator's noise, as before) the trainer's and evaluate's sample_top1 disagreed (12.5 vs
+    25.0 on these 16 images, seed 3, 2 draws)."""
+    from gendd_fast import evaluate
+    from gendd_fast.cli import evaluate_main
+    cfg = tiny_config(tmp_path, "gendd", teacher_ckpt, epochs=2, sample_eval="end",
+                      num_sampling=2, seed=3, eval_every=2)
+    res = train(cfg)
+    printed = capsys.readouterr()
+    assert "sampling: 2 draws, 4 steps, ddpm, guidance 2, temperature 1, noise seed 3" \
+        in printed.out
+    best = os.path.join(cfg.output, "best.pt")
+    got = evaluate.main(["--checkpoint", best, "--device", "cpu"])
+    assert got["sample_top1"] == res["best_sample_top1"]
+    assert got["sample_top5"] == res["best_sample_top5"]
+    small = evaluate.main(["--checkpoint", best, "--device", "cpu", "--batch-size", "4"])
+    assert (small["sample_top1"], small["sample_top5"]) == (got["sample_top1"],
+                                                            got["sample_top5"])
+    out = capsys.readouterr().out
+    assert "sampling: 2 draws, 4 steps, ddpm, guidance 2" in out
+    table = evaluate_main(["--checkpoint", best, "--device", "cpu", "--table",
+                           str(tmp_path / "t.md")])
+    assert table["runs"][0]["sample_top1"] == got["sample_top1"]
+    assert "2 draws, 4 steps, ddpm, guidance 2" in (tmp_path / "t.md").read_text()
+
+
+def test_keyed_noise_does_not_depend_on_the_batch():
+    from gendd_fast.sampling import image_noises
+    x_all, s_all = image_noises(7, torch.arange(6), 1, tokens=2, dim=3, steps=4, device="cpu")
+    x_part, s_part = image_noises(7, torch.arange(3, 6), 1, tokens=2, dim=3, steps=4,
+                                  device="cpu")
+    assert torch.equal(x_all[6:], x_part) and torch.equal(s_all[:, 6:], s_part)
+    x_other, _ = image_noises(7, torch.arange(3, 6), 2, tokens=2, dim=3, steps=4, device="cpu")
+    assert not torch.equal(x_other, x_part)  # another draw, other noise
+
+
+def test_max_steps_stop_is_reported_as_interrupted_and_logs_split_data_and_compute(
+        tmp_path, capsys):
+    """Planted bug checked: with the old plain 'done' line the first assertion failed."""
+    cfg = tiny_config(tmp_path, "ce", epochs=3, max_steps=5, sample_eval="never")
+    train(cfg)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "interrupted by --max-steps 5" in last and "--resume auto" in last
+    import json
+    with open(os.path.join(cfg.output, "metrics.jsonl")) as fh:
+        recs = [json.loads(line) for line in fh]
+    assert recs[-1]["type"] == "end" and recs[-1]["reason"] == "--max-steps 5"
+    for r in read_metrics(cfg.output):
+        assert r["data_s"] >= 0 and r["compute_s"] > 0
+    done = tiny_config(tmp_path / "b", "ce", epochs=1, sample_eval="never")
+    train(done)
+    assert "done in" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_ddp_is_built_without_the_deprecated_buffer_flag():
+    import inspect
+
+    from gendd_fast.train import no_buffer_sync_kwargs
+    kw = no_buffer_sync_kwargs()
+    params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    assert list(kw) == (["forward_sync_buffers"] if "forward_sync_buffers" in params
+                        else ["broadcast_buffers"]) and list(kw.values()) == [False]

@@ -15,7 +15,38 @@ from .pixels import UnknownRangeError, refuse_unknown_range
 from .loader import DeviceNormalizer, EpochSampler, TorchLoader
 
 __all__ = ["build_loaders", "build_datasets", "Loaders", "BadImageError", "DatasetError",
-           "EpochSampler"]
+           "EpochSampler", "describe_pipeline"]
+
+ARRAY_DATASETS = ("digits", "cifar10", "cifar100", "synthetic")
+
+
+def describe_pipeline(cfg) -> str:
+    """The resolved image size, crops and normalisation of ``cfg`` (resolved), for the header."""
+    from .transforms import NORMALIZATION
+    norm = cfg.dataset if cfg.dataset in NORMALIZATION else "imagenet"
+    if cfg.dataset in ARRAY_DATASETS:
+        pad, flip = (2, "no flip") if cfg.dataset == "digits" else (4, "flip")
+        crop = f"{cfg.image_size} px: pad {pad} + random crop, {flip}; eval the full image"
+    else:
+        lo, hi = cfg.crop_scale
+        crop = (f"{cfg.image_size} px: random-resized crop (scale {lo:g}-{hi:g}) + flip; eval "
+                f"resize {cfg.val_resize} + centre crop {cfg.image_size}")
+    return f"{crop}; normalisation {norm}"
+
+
+def _warn_if_upsampled(samples, cfg, root):
+    """Small images (e.g. 32-px folders) under the ImageNet-size default would be upsampled 7x
+    without a word, making the run slow and the teacher's features meaningless: say so."""
+    from PIL import Image
+    try:
+        with Image.open(samples[0][0]) as im:
+            w, h = im.size
+    except Exception:  # noqa: BLE001 - the loader reports unreadable files itself
+        return
+    if min(w, h) * 2 <= cfg.image_size:
+        notice(f"images in {root} are {w}x{h} px but training crops are {cfg.image_size} px "
+               f"(upsampled {cfg.image_size / min(w, h):.0f}x); pass --image-size {min(w, h)} "
+               f"--val-resize {min(w, h)} to train at their own size")
 
 
 @dataclass
@@ -36,6 +67,9 @@ def build_datasets(cfg):
     """Host-path (train, val, num_classes) for ``cfg.dataset``. Labels are checked here, before
     the first step: a label the model has no output for fails now, naming where it is."""
     train, val, nc = _build_datasets(cfg)
+    train, val = carve_and_mask(cfg, train, val)
+    from .augment import randaug_for
+    train.augment = randaug_for(cfg)  # timm's RandAugment per image, before normalising
     if cfg.num_classes is not None and cfg.num_classes < nc:
         raise DatasetError(f"--num-classes {cfg.num_classes} is smaller than the {nc} classes "
                            f"of the {cfg.dataset} data")
@@ -51,6 +85,50 @@ def build_datasets(cfg):
                 except UnknownRangeError as e:
                     raise BadImageError(str(e)) from None
     return train, val, nc
+
+
+# Methods whose loss needs a label on every image: with --labeled-fraction they train on the
+# labelled images only (the unlabelled ones would only cost steps).
+LABELS_ONLY_METHODS = ("ce", "gendd-pretrain")
+
+
+def stratified_pick(labels, fraction: float, seed: int):
+    """Boolean mask choosing round(fraction * n_c) images of each class c (at least one), drawn
+    with ``numpy.random.RandomState(seed)``: the same images for the same seed on any machine."""
+    import numpy as np
+    labels = np.asarray(labels)
+    rng = np.random.RandomState(seed)
+    mask = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        mask[idx[: max(1, int(round(len(idx) * fraction)))]] = True
+    return mask
+
+
+def carve_and_mask(cfg, train, val):
+    """``--val-from-train``: evaluate on a stratified part of the training images (fixed seed,
+    so teacher and students share it) and train on the rest. ``--labeled-fraction``: keep the
+    labels of a stratified fraction drawn by ``--seed``, mark the rest -1 (unlabelled), and drop
+    them for the methods that cannot learn without labels. In-memory datasets only."""
+    if cfg.val_from_train <= 0 and cfg.labeled_fraction >= 1:
+        return train, val
+    if not isinstance(train, ArrayDataset):
+        raise DatasetError(f"--val-from-train and --labeled-fraction apply to the in-memory "
+                           f"datasets (digits, CIFAR, synthetic), not {cfg.dataset!r}")
+    images, labels = train.images, train.labels
+    if cfg.val_from_train > 0:
+        held = stratified_pick(labels, cfg.val_from_train, seed=1234)
+        val = ArrayDataset(images[held], labels[held], False)
+        images, labels = images[~held], labels[~held]
+    if cfg.labeled_fraction < 1:
+        keep = stratified_pick(labels, cfg.labeled_fraction, seed=cfg.seed)
+        if cfg.method in LABELS_ONLY_METHODS:
+            images, labels = images[keep], labels[keep]
+        else:
+            labels = labels.copy()
+            labels[~keep] = -1
+    return ArrayDataset(images, labels, True, pad=train.pad, flip=train.flip), val
 
 
 def _contiguous_classes(samples, list_path: str) -> int:
@@ -94,6 +172,7 @@ def _build_datasets(cfg):
         else:
             train_root, val_root = root, cfg.val_path
         train_s, classes = scan_image_folder(train_root)
+        _warn_if_upsampled(train_s, cfg, train_root)
         val_root = cfg.val_path or val_root
         if not val_root:
             raise DatasetError(f"no validation images: {root!r} has no train/ and val/ folders "

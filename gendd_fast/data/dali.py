@@ -3,7 +3,8 @@ there, feeding the trainer the same ``(images, labels)`` batches as the DataLoad
 
 - ImageNet-style data (class folders, ``path label`` lists): ``fn.readers.file`` sharded by rank
   -> random-resized-crop fused into the decoder (``decoders.image_random_crop``) -> resize ->
-  flip + normalise; validation: resize of the shorter side + centre crop. The reader is named,
+  flip (-> timm's RandAugment, :mod:`gendd_fast.data.dali_randaug`) -> normalise; validation:
+  resize of the shorter side + centre crop. The reader is named,
   so the epoch length is known, and validation pads its last batch so every image is scored
   exactly once over the ranks.
 - CIFAR / digits arrays: ``fn.external_source`` fed in the order of the trainer's own sharded
@@ -61,16 +62,34 @@ def _decode(jpegs, train: bool, size: int, val_resize: int, crop_scale, on_gpu: 
     return images, 0
 
 
+def _augment_then_normalise(images, mirror, randaug, size, dataset, crop):
+    """Flip, timm's RandAugment (uint8, before normalising: the DataLoader path's order), then
+    the normalisation; without RandAugment the flip stays fused into the normalisation."""
+    from nvidia.dali import fn, types
+    mean, std = _norm(dataset)
+    if randaug:
+        from .dali_randaug import rand_augment
+        if crop:
+            images = fn.crop(images, crop=(size, size))
+        images = fn.flip(images, horizontal=mirror)
+        images = rand_augment(images, randaug, size, dataset)
+        mirror = 0
+    kw = dict(crop=(size, size)) if crop else {}
+    return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="HWC", mean=mean,
+                                    std=std, mirror=mirror, **kw)
+
+
 def file_pipeline(files: Sequence[str], labels: Sequence[int], train: bool, size: int,
                   val_resize: int, crop_scale, dataset: str, batch_size: int, shard_id: int,
-                  num_shards: int, device_id: Optional[int], seed: int = 0, num_threads: int = 4):
+                  num_shards: int, device_id: Optional[int], seed: int = 0, num_threads: int = 4,
+                  randaug: Optional[str] = None):
     """Class folders and file lists (the sample list comes from the DataLoader path's scan, so
     both paths see the same files and class indices)."""
-    from nvidia.dali import fn, pipeline_def, types
-    mean, std = _norm(dataset)
+    from nvidia.dali import fn, pipeline_def
+    randaug = randaug if train else None
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
-                  seed=seed + 1000 * shard_id)
+                  seed=seed + 1000 * shard_id, enable_conditionals=bool(randaug))
     def pipe():
         jpegs, lab = fn.readers.file(files=list(files), labels=list(labels), shard_id=shard_id,
                                      num_shards=num_shards, random_shuffle=train,
@@ -78,9 +97,7 @@ def file_pipeline(files: Sequence[str], labels: Sequence[int], train: bool, size
                                      stick_to_shard=True, name="Reader")
         images, mirror = _decode(jpegs, train, size, val_resize, crop_scale,
                                  device_id is not None)
-        images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="HWC",
-                                          crop=(size, size), mean=mean, std=std, mirror=mirror)
-        return images, lab
+        return _augment_then_normalise(images, mirror, randaug, size, dataset, True), lab
 
     return pipe()
 
@@ -88,13 +105,13 @@ def file_pipeline(files: Sequence[str], labels: Sequence[int], train: bool, size
 def webdataset_pipeline(shards: Sequence[str], train: bool, size: int, val_resize: int,
                         crop_scale, dataset: str, batch_size: int, shard_id: int,
                         num_shards: int, device_id: Optional[int], seed: int = 0,
-                        num_threads: int = 4):
+                        num_threads: int = 4, randaug: Optional[str] = None):
     """Unlabelled WebDataset tar shards (one image per sample key)."""
     from nvidia.dali import fn, pipeline_def, types
-    mean, std = _norm(dataset)
+    randaug = randaug if train else None
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
-                  seed=seed + 1000 * shard_id)
+                  seed=seed + 1000 * shard_id, enable_conditionals=bool(randaug))
     def pipe():
         jpegs = fn.readers.webdataset(paths=list(shards), ext=["jpg;jpeg;png;webp"],
                                       shard_id=shard_id, num_shards=num_shards,
@@ -103,8 +120,7 @@ def webdataset_pipeline(shards: Sequence[str], train: bool, size: int, val_resiz
                                       name="Reader")
         images, mirror = _decode(jpegs, train, size, val_resize, crop_scale,
                                  device_id is not None)
-        images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="HWC",
-                                          crop=(size, size), mean=mean, std=std, mirror=mirror)
+        images = _augment_then_normalise(images, mirror, randaug, size, dataset, True)
         return images, fn.constant(idata=-1, dtype=types.INT64, shape=[1])
 
     return pipe()
@@ -151,12 +167,13 @@ class _ArrayBatches:
 
 def array_pipeline(source: _ArrayBatches, train: bool, pad: int, flip: bool, dataset: str,
                    batch_size: int, device_id: Optional[int], seed: int = 0,
-                   num_threads: int = 2):
+                   num_threads: int = 2, randaug: Optional[str] = None):
     from nvidia.dali import fn, pipeline_def, types
-    mean, std = _norm(dataset)
     h, w = source.images.shape[1:3]
+    randaug = randaug if train else None
 
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed)
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+                  enable_conditionals=bool(randaug))
     def pipe():
         images, lab = fn.external_source(source=source, num_outputs=2, batch=True,
                                          batch_info=True, layout=["HWC", ""],
@@ -170,9 +187,7 @@ def array_pipeline(source: _ArrayBatches, train: bool, pad: int, flip: bool, dat
                               out_of_bounds_policy="pad", fill_values=0)
             if flip:
                 mirror = fn.random.coin_flip(probability=0.5)
-        images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="HWC",
-                                          mean=mean, std=std, mirror=mirror)
-        return images, lab
+        return _augment_then_normalise(images, mirror, randaug, h, dataset, False), lab
 
     return pipe()
 
@@ -303,14 +318,18 @@ def build_loaders(cfg, rank: int, world: int, device: torch.device):
         if isinstance(ds, ArrayDataset):
             sampler = EpochSampler(len(ds), rank, world, shuffle=train, seed=cfg.seed)
             feed = _ArrayBatches(ds.images, ds.labels, sampler, batch, drop_last=train)
-            return DaliLoader(lambda: array_pipeline(feed, train, ds.pad, ds.flip, cfg.dataset,
-                                                     batch, device_id, seed=cfg.seed + rank,
-                                                     num_threads=threads),
-                              batch, train, device, len(sampler), None, None, feed)
+            loader = DaliLoader(lambda: array_pipeline(feed, train, ds.pad, ds.flip,
+                                                       cfg.dataset, batch, device_id,
+                                                       seed=cfg.seed + rank,
+                                                       num_threads=threads,
+                                                       randaug=cfg.randaug),
+                                batch, train, device, len(sampler), None, None, feed)
+            loader.image_indices = lambda: sampler._indices()  # noise keys of evaluation
+            return loader
         common = dict(train=train, size=cfg.image_size, val_resize=cfg.val_resize,
                       crop_scale=cfg.crop_scale, dataset=cfg.dataset, batch_size=batch,
                       shard_id=rank, num_shards=world, device_id=device_id, seed=cfg.seed,
-                      num_threads=threads)
+                      num_threads=threads, randaug=cfg.randaug)
         if isinstance(ds, ImageFileDataset):
             files = [s[0] for s in ds.samples]
             labels = [s[1] for s in ds.samples]
@@ -322,8 +341,14 @@ def build_loaders(cfg, rank: int, world: int, device: torch.device):
             n, shard_files = len(ds), None
         else:
             raise TypeError(f"no DALI pipeline for {type(ds).__name__}")
-        return DaliLoader(pipe, batch, train, device, _shard_size(n, rank, world), "Reader",
-                          shard_files)
+        # Training drops partial batches, and DALI's iterator then stops every rank at the
+        # smallest shard (n // world samples), so that all ranks take the same steps; len()
+        # must count those, not the rank's own shard, or ranks disagree on the epoch's length.
+        size = n // world if train else _shard_size(n, rank, world)
+        loader = DaliLoader(pipe, batch, train, device, size, "Reader", shard_files)
+        first = n * rank // world  # the readers' shards are contiguous ranges
+        loader.image_indices = lambda: range(first, first + _shard_size(n, rank, world))
+        return loader
 
     return Loaders(make(train_ds, True, cfg.batch_size), make(val_ds, False, cfg.eval_batch_size),
                    nc, "dali")

@@ -53,6 +53,7 @@ class ArrayDataset(torch.utils.data.Dataset):
             raise DatasetError(f"{len(images)} images but {len(labels)} labels")
         self.images, self.labels = images, np.asarray(labels, dtype=np.int64)
         self.train, self.pad, self.flip = train, pad, flip
+        self.augment = None  # per-image RandAugment (training), set by build_datasets
 
     def __len__(self):
         return len(self.images)
@@ -62,6 +63,8 @@ class ArrayDataset(torch.utils.data.Dataset):
         img = self.images[i]
         if self.train:
             x = pad_crop_flip(img, self.pad, self.flip, random.Random(seed))
+            if self.augment is not None:
+                x = self.augment(x, seed)
         else:
             x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).contiguous()
         return x, int(self.labels[i])
@@ -271,6 +274,7 @@ class ImageFileDataset(torch.utils.data.Dataset):
         self.samples = list(samples)
         self.train, self.size, self.resize = train, image_size, val_resize
         self.scale, self.skip_bad = tuple(crop_scale), skip_bad
+        self.augment = None  # per-image RandAugment (training), set by build_datasets
 
     def __len__(self):
         return len(self.samples)
@@ -297,6 +301,8 @@ class ImageFileDataset(torch.utils.data.Dataset):
             raise
         if self.train:
             x = train_transform_pil(img, self.size, self.scale, random.Random(seed))
+            if self.augment is not None:
+                x = self.augment(x, seed)
         else:
             x = val_transform_pil(img, self.resize, self.size)
         return x, self.samples[i][1]
@@ -345,6 +351,7 @@ class WebDatasetShards(torch.utils.data.Dataset):
             raise DatasetError(f"no images in the webdataset shards at {path!r}")
         self.train, self.size, self.resize = train, image_size, val_resize
         self.scale, self.skip_bad = tuple(crop_scale), skip_bad
+        self.augment = None  # per-image RandAugment (training), set by build_datasets
         self._handles = {}
 
     def __len__(self):
@@ -367,6 +374,8 @@ class WebDatasetShards(torch.utils.data.Dataset):
                                 f"{type(e).__name__}: {e}") from e
         if self.train:
             x = train_transform_pil(img, self.size, self.scale, random.Random(seed))
+            if self.augment is not None:
+                x = self.augment(x, seed)
         else:
             x = val_transform_pil(img, self.resize, self.size)
         return x, label
@@ -375,3 +384,28 @@ class WebDatasetShards(torch.utils.data.Dataset):
         state = dict(self.__dict__)
         state["_handles"] = {}
         return state
+
+
+# -- which dataset kind a folder holds (for --data-path given without --dataset) ----------------
+def infer_dataset(path: str) -> Tuple[Optional[str], str]:
+    """(dataset kind, why) from a folder's layout, or (None, what was found). Only layouts that
+    cannot be mistaken are recognised: CIFAR's python pickles, ``train/`` and ``val/`` class
+    folders, ``.tar`` shards. Anything else is left to the user (a wrong guess trains the wrong
+    thing silently)."""
+    if not path or not os.path.exists(path):
+        return None, f"{path!r} does not exist"
+    if os.path.isfile(path):
+        return ("webdataset", "a .tar shard") if path.endswith(".tar") else \
+            (None, "a single file that is not a .tar shard")
+    for sub, kind, marker in (("cifar-100-python", "cifar100", "train"),
+                              ("cifar-10-batches-py", "cifar10", "data_batch_1"),
+                              ("", "cifar100", "train"), ("", "cifar10", "data_batch_1")):
+        root = os.path.join(path, sub) if sub else path
+        if os.path.isfile(os.path.join(root, marker)) and \
+                os.path.isfile(os.path.join(root, "test" if kind == "cifar100" else "test_batch")):
+            return kind, f"CIFAR python pickles ({os.path.join(sub, marker) if sub else marker})"
+    if all(os.path.isdir(os.path.join(path, s)) for s in ("train", "val")):
+        return "imagefolder", "train/ and val/ class folders"
+    if any(f.endswith(".tar") for f in os.listdir(path)):
+        return "webdataset", ".tar shards"
+    return None, "no train/ and val/ folders, CIFAR pickles or .tar shards"

@@ -145,6 +145,10 @@ class TorchLoader:
     def set_epoch(self, epoch: int, skip_batches: int = 0):
         self.sampler.set_epoch(epoch, skip_batches * self.batch_size)
 
+    def image_indices(self):
+        """Dataset index of each image this rank yields, in order (evaluation noise keys)."""
+        return self.sampler._indices()[self.sampler.skip:]
+
     def __len__(self):
         n = len(self.sampler)
         return n // self.batch_size if self.train else math.ceil(n / self.batch_size)

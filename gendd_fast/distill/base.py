@@ -54,6 +54,28 @@ def soft_labels(labels, num_classes: int):
     return F.one_hot(labels, num_classes).float()
 
 
+def labelled_rows(labels):
+    """Per-sample mask of the rows that carry a label: soft labels always do; hard labels are -1
+    where unlabelled (``--labeled-fraction``, unlabelled shards). None when every row has one."""
+    if labels is None:
+        return None
+    if labels.is_floating_point():
+        return None
+    mask = labels >= 0
+    return None if bool(mask.all()) else mask
+
+
+def labelled_ce(logits, labels):
+    """CE averaged over the labelled rows only (0 when the batch has none): with a labelled
+    fraction, the supervised term keeps its weight per labelled image however few a batch has."""
+    mask = labelled_rows(labels)
+    if mask is None:
+        return cross_entropy(logits, labels)
+    if not bool(mask.any()):
+        return logits.sum() * 0.0
+    return cross_entropy(logits[mask], labels[mask])
+
+
 def cross_entropy(logits, labels):
     """CE with hard (B,) or soft (B, K) labels."""
     if labels.is_floating_point():

@@ -1,7 +1,9 @@
 """``dkd``: decoupled knowledge distillation (Zhao et al., CVPR 2022)."""
 from __future__ import annotations
 
-from .base import Distiller, cross_entropy, hard_labels, register
+import torch
+
+from .base import Distiller, hard_labels, labelled_ce, labelled_rows, register
 from .losses import dkd_loss
 
 
@@ -22,9 +24,13 @@ class DKD(Distiller):
 
     def forward(self, images, labels, teacher_out, progress: float = 0.0):
         logits = self.student(images)
-        ce = cross_entropy(logits, labels)
+        ce = labelled_ce(logits, labels)
         ramp = min(progress / self.warmup, 1.0) if self.warmup > 0 else 1.0
-        # DKD splits on one target class: with soft (mixed) labels, their largest entry.
-        dkd = dkd_loss(logits, teacher_out[1], hard_labels(labels), self.alpha, self.beta,
-                       self.T)
+        # DKD splits on one target class: with soft (mixed) labels, their largest entry; on an
+        # unlabelled image, the teacher's top class (it learns from the teacher's logits there).
+        target = hard_labels(labels)
+        mask = labelled_rows(labels)
+        if mask is not None:
+            target = torch.where(mask, target, teacher_out[1].argmax(1))
+        dkd = dkd_loss(logits, teacher_out[1], target, self.alpha, self.beta, self.T)
         return self.ce_weight * ce + ramp * dkd, {"ce": ce.detach(), "dkd": dkd.detach()}

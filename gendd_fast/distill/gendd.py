@@ -7,7 +7,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .base import Distiller, _fp32, _has_labels, cross_entropy, frozen_copy, register
+from .base import (Distiller, _fp32, cross_entropy, frozen_copy, labelled_ce, labelled_rows,
+                   register)
 
 
 @register("gendd-pretrain")
@@ -84,13 +85,15 @@ class GenDD(Distiller):
 
     # Set by the CUDA-graphed step (gendd_fast.cuda_graph_step), which decides both outside the
     # graph: a captured step can neither read device values on the host nor draw host randomness
-    # per replay. A device tensor holding this step's mixing weight, and whether batches carry
-    # labels (one decision per run instead of a host sync per step).
+    # per replay. A device tensor holding this step's mixing weight, and whether every row of
+    # every batch carries a label (True) or none does (False): one decision per run instead of
+    # a host sync per step (partly labelled batches are not graphed).
     graph_mix_weight: Optional[torch.Tensor] = None
     graph_has_labels: Optional[bool] = None
 
-    def has_labels(self, labels) -> bool:
-        return _has_labels(labels) if self.graph_has_labels is None else self.graph_has_labels
+    def labelled_mask(self, labels):
+        """:func:`labelled_rows`, or None (every row labelled) under the CUDA graph."""
+        return labelled_rows(labels) if self.graph_has_labels is None else None
 
     def draw_mix_weight(self) -> float:
         """This step's Beta(beta, beta) mixing weight, drawn from the host RNG."""
@@ -99,15 +102,21 @@ class GenDD(Distiller):
 
     def contract(self, t_feat, labels):
         """target = (1 - s) f_t + s W_t[y]  (soft labels: y @ W_t)."""
-        if self.smooth <= 0 or not self.use_labels or not self.has_labels(labels):
+        if self.smooth <= 0 or not self.use_labels or labels is None \
+                or self.graph_has_labels is False:
+            return t_feat
+        mask = self.labelled_mask(labels)
+        if mask is not None and not bool(mask.any()):
             return t_feat
         w = self.teacher_fc.weight.float()
         if labels.is_floating_point():  # soft (mixed) labels: y @ W_t, in fp32 under autocast
             with _fp32(w):
                 anchor = labels.float() @ w
         else:
-            anchor = w[labels]
-        return (1 - self.smooth) * t_feat + self.smooth * anchor
+            anchor = w[labels.clamp_min(0)]
+        contracted = (1 - self.smooth) * t_feat + self.smooth * anchor
+        # unlabelled rows: the teacher's feature itself, no contraction
+        return contracted if mask is None else torch.where(mask[:, None], contracted, t_feat)
 
     def mix(self, z, target):
         """Beta(beta, beta) mixing of conditions and targets with a random partner."""
@@ -127,26 +136,37 @@ class GenDD(Distiller):
         diff = self.diffloss.distill_loss(target, z, self.mul, self.cond_drop)
         parts = {"diff": diff.detach()}
         loss = diff
-        if self.use_labels and self.has_labels(labels):
-            ce = cross_entropy(logits, labels)
+        if self.use_labels and labels is not None and self.graph_has_labels is not False:
+            ce = cross_entropy(logits, labels) if self.graph_has_labels else \
+                labelled_ce(logits, labels)
             loss = loss + ce
             parts["ce"] = ce.detach()
         return loss, parts
 
     @torch.no_grad()
     def eval_logits(self, images, autocast, sample: bool = False, cfg=2.0, temperature=1.0,
-                    num_sampling=1, generator=None, **sample_kw):
+                    num_sampling=1, generator=None, image_ids=None, noise_seed=0, **sample_kw):
         """The linear probe's logits and, with ``sample``, the teacher classifier's logits on
         features generated from the student's condition (averaged over ``num_sampling``
-        draws). The student runs under ``autocast``; the sampler in float32."""
+        draws). The student runs under ``autocast``; the sampler in float32. With
+        ``image_ids`` (the images' dataset indices) each image's noise of draw j is seeded by
+        (``noise_seed``, index, j) (see :func:`gendd_fast.sampling.image_noises`); without,
+        it comes from ``generator`` (or the global generator)."""
         with autocast:
             f_s = self.student.forward_features(images)
             out = {"": self.student.fc(f_s)}
         if sample:
+            from ..sampling import image_noises
             z = self.cls_projector(f_s.float())
+            head = self.diffloss
             feats = 0.0
-            for _ in range(num_sampling):
-                feats = feats + self.diffloss.generate(z, cfg=cfg, temperature=temperature,
-                                                       generator=generator, **sample_kw)
+            for draw in range(num_sampling):
+                kw = dict(sample_kw)
+                if image_ids is not None:
+                    kw["noise"], kw["step_noises"] = image_noises(
+                        noise_seed, image_ids, draw, head.num_chunks, head.in_channels,
+                        head.gen_diffusion.num_timesteps, z.device)
+                feats = feats + head.generate(z, cfg=cfg, temperature=temperature,
+                                              generator=generator, **kw)
             out["sample_"] = self.teacher_fc(feats / num_sampling)
         return out

@@ -1,7 +1,7 @@
 """``kd``: Hinton et al.'s knowledge distillation, and (``--labels false``) the KL baseline."""
 from __future__ import annotations
 
-from .base import Distiller, cross_entropy, register
+from .base import Distiller, labelled_ce, register
 from .losses import kd_loss
 
 
@@ -27,6 +27,6 @@ class KD(Distiller):
         kd = kd_loss(logits, teacher_out[1], self.T)
         if not self.use_labels:
             return kd, {"kd": kd.detach()}
-        ce = cross_entropy(logits, labels)
+        ce = labelled_ce(logits, labels)
         loss = self.alpha * ce + (1 - self.alpha) * kd
         return loss, {"ce": ce.detach(), "kd": kd.detach()}

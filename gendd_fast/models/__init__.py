@@ -54,7 +54,7 @@ def create_model(name: str, num_classes: int) -> Backbone:
 def build_teacher(cfg, num_classes: int, load_weights: bool = True) -> Backbone:
     """The teacher a config names, with its weights: a zoo model from --teacher-checkpoint, a
     timm model with --teacher-pretrained (timm's download/cache, or --teacher-checkpoint FILE
-    through timm's own loader) or from --teacher-checkpoint, a torchvision model with
+    with the file's class count) or from --teacher-checkpoint, a torchvision model with
     --teacher-weights (an enum name or a file). ``load_weights=False`` builds the architecture
     only (evaluation: the checkpoint carries what is needed of the teacher)."""
     name = cfg.teacher

@@ -4,9 +4,14 @@
 ``forward_features`` (the pooled pre-logit feature: for ViT/BEiT timm's
 ``forward_head(..., pre_logits=True)``, whose width sets GenDD's token count), ``num_features`` and
 the linear classifier as ``fc``. Pretrained weights come through the libraries' own loading and
-caching (``timm.create_model(pretrained=True)``, torchvision's weights enums); a local file goes
-through the same calls (timm's ``pretrained_cfg_overlay=dict(file=...)``; for torchvision the
-architecture's own ``load_state_dict``), which is how the tests stay offline.
+caching (``timm.create_model(pretrained=True)``, torchvision's weights enums). A local file is
+read as tensors only and loaded strictly into the architecture built with the file's own class
+count (``--teacher-pretrained`` then adds the architecture's pretrained input normalisation);
+that is how the tests stay offline, and nothing is downloaded when a file is given.
+
+Where the installed torchvision cannot load its compiled ops (a wheel built for another torch,
+as on this project's CPU machines), it is imported without their Python registrations: see
+:class:`_SkipOpRegistrations`. timm imports torchvision, so both then work on CPU.
 
 A pretrained teacher expects its own input normalisation (BEiT: mean = std = 0.5): the adapter
 maps the trainer's normalised images to it with one affine op, so the student and the teacher
@@ -20,6 +25,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from ..thirdparty import _SkipOpRegistrations, import_library  # noqa: F401 (tests)
 from .base import Backbone
 
 SOURCES = ("timm", "torchvision")
@@ -35,13 +41,8 @@ def split_name(name: str) -> Tuple[str, str]:
 
 def import_source(source: str, name: str):
     try:
-        if source == "timm":
-            import timm
-            return timm
-        import torchvision
-        import torchvision.models  # noqa: F401
-        return torchvision
-    except Exception as e:  # noqa: BLE001 - ImportError, or a CUDA-linked wheel failing on CPU
+        return import_library(source)
+    except Exception as e:  # noqa: BLE001 - ImportError, or a wheel failing in another way
         from . import list_models
         raise ImportError(f"model {name!r} needs the '{source}' package, which is not "
                           f"importable here ({type(e).__name__}: {e}); use a zoo model: "
@@ -138,28 +139,49 @@ def load_into(net: nn.Module, path: str, what: str):
 # ---------------------------------------------------------------------------------------------
 # Builders
 # ---------------------------------------------------------------------------------------------
+def _classes_in(state, net, file: str) -> int:
+    """The class count of a timm state dict: the rows of its classifier's weight."""
+    key = (getattr(net, "pretrained_cfg", {}) or {}).get("classifier") or "fc"
+    w = state.get(f"{key}.weight")
+    if w is None:
+        raise ValueError(f"teacher file {file!r} has no {key}.weight (the classifier of this "
+                         f"architecture) - is it the right architecture?")
+    return int(w.shape[0])
+
+
 def _timm(arch: str, name: str, num_classes: int, pretrained: bool, file: Optional[str]):
     timm = import_source("timm", name)
     if not timm.is_model(arch):
         close = timm.list_models(f"*{arch.split('.')[0][:12]}*")[:8]
         raise ValueError(f"timm has no model {arch!r}" + (f"; similar: {', '.join(close)}"
                                                            if close else ""))
-    if pretrained:
-        kw = {"pretrained_cfg_overlay": dict(file=file)} if file else {}
+    if pretrained and not file:
         try:
-            net = timm.create_model(arch, pretrained=True, **kw)
+            net = timm.create_model(arch, pretrained=True)
         except (RuntimeError, OSError, ValueError) as e:
             raise ValueError(f"timm could not load pretrained weights for {arch!r} "
                              f"({type(e).__name__}: {e}); check the name (with its tag, e.g. "
                              f"beit_large_patch16_224.in22k_ft_in22k_in1k) and that the "
                              f"weights are downloadable or cached") from e
-        cfg = getattr(net, "pretrained_cfg", {}) or {}
-        norm = (tuple(cfg.get("mean", ())), tuple(cfg.get("std", ())))
-        return net, norm if len(norm[0]) == 3 else None
-    net = timm.create_model(arch, pretrained=False, num_classes=num_classes)
+        return net, _timm_norm(net)
     if file:
+        # A local file: built with the file's class count (a 10-class fine-tune is as valid as
+        # ImageNet's 1000) and loaded strictly, tensors only; the normalisation is the
+        # architecture's pretrained one when pretrained, else the trainer's own.
+        state = read_state_dict(file, "teacher checkpoint")
+        net = timm.create_model(arch, pretrained=False, num_classes=num_classes)
+        n = _classes_in(state, net, file)
+        if n != num_classes:
+            net.reset_classifier(n)  # create_external then names the mismatch
         load_into(net, file, "teacher checkpoint")
-    return net, None
+        return net, _timm_norm(net) if pretrained else None
+    return timm.create_model(arch, pretrained=False, num_classes=num_classes), None
+
+
+def _timm_norm(net):
+    cfg = getattr(net, "pretrained_cfg", {}) or {}
+    norm = (tuple(cfg.get("mean", ())), tuple(cfg.get("std", ())))
+    return norm if len(norm[0]) == 3 else None
 
 
 def _torchvision(arch: str, name: str, num_classes: int, weights: Optional[str]):
@@ -197,7 +219,10 @@ def create_external(name: str, num_classes: int, pretrained: bool = False,
     affine = renormalisation(data_norm, norm) if (data_norm and norm) else None
     model = ExternalBackbone(net, source, affine)
     if model.fc.out_features != num_classes:
-        raise ValueError(f"teacher {name!r} classifies {model.fc.out_features} classes but the "
-                         f"dataset has {num_classes}: a pretrained ImageNet teacher needs "
-                         f"ImageNet-1k labels (or --num-classes {model.fc.out_features})")
+        what = f"teacher file {weights!r}" if weights and os.path.isfile(weights) else \
+            f"teacher {name!r}"
+        hint = f"pass --num-classes {model.fc.out_features} if the data's labels fit it" \
+            if model.fc.out_features > num_classes else "is it the right file?"
+        raise ValueError(f"{what} classifies {model.fc.out_features} classes but the dataset "
+                         f"has {num_classes}: {hint}")
     return model
