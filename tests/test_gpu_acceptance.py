@@ -36,15 +36,24 @@ def test_acceptance_refuses_a_gpu_run_without_a_gpu(tmp_path):
 
 
 def test_perf_model_counts_every_gemm_of_the_step():
-    """Forward GEMM multiply-adds per row: modulation W(3WD + 2W), input dW, blocks 2DW^2, final
-    2dW; backward twice each, except the input projection's dx (x_t needs no gradient)."""
+    """The one-function step's 34 GEMMs. Per row: modulation W(3WD + 2W), input dW, blocks
+    2DW^2, final 2dW forward; backward twice each, except the input projection's dx (x_t needs
+    no gradient). Per timestep (T = 1000): the time MLP 256W + W^2 forward, backward fc2 dW and
+    dh and fc0 dW (the sinusoid needs no gradient). Per image (64, z = 256): cond_embed zW
+    forward, dW and dz. Planted: a block's dW left out of the model -> fails."""
     mod = runpy.run_path(os.path.join(BENCH, "perf_model.py"), run_name="bench")
-    n, W, D, d = 5120, 1024, 3, 64
+    n, W, D, d, T, B, z = 5120, 1024, 3, 64, 1000, 64, 256
     ks = mod["step_kernels"](n, W, D, d, "bf16")
     gemm = [k for k in ks if k["kernel"] == "_fused_matmul_kernel"]
-    assert len(gemm) == 32
+    assert len(gemm) == 34
+    time_mlp = [k for k in gemm if k["op"].startswith("time ")]
+    cond = [k for k in gemm if k["op"].startswith("cond_embed ")]
+    per_row = [k for k in gemm if k not in time_mlp and k not in cond]
+    assert (len(per_row), len(time_mlp), len(cond)) == (26, 5, 3)
     fwd = W * (3 * W * D + 2 * W) + d * W + 2 * D * W * W + 2 * d * W
-    assert sum(k["flops"] for k in gemm) == 2 * n * (3 * fwd - d * W)
+    assert sum(k["flops"] for k in per_row) == 2 * n * (3 * fwd - d * W)
+    assert sum(k["flops"] for k in time_mlp) == 2 * T * (2 * 256 * W + 3 * W * W)
+    assert sum(k["flops"] for k in cond) == 3 * 2 * B * z * W
     peaks = dict(bf16=1e15, bw=1e12)
     for k in mod["predict"](ks, peaks, "bf16"):
         assert k["pred_ms"] == pytest.approx(max(k["flops"] / 1e15, k["bytes"] / 1e12) * 1e3)
