@@ -155,8 +155,12 @@ def format_results(results: Dict, draws: int = 1, selected_by: str = "top1",
     sampling first when the run has it (the paper's headline), then the linear probe, then the
     many/medium/few-shot split when it was measured."""
     rows = []
+    # A GenDD student's own classifier is a linear probe on detached features; for CE / KD / DKD
+    # it is simply the model's classifier, and calling it a probe would misdescribe it.
+    sampled = any(k.startswith(("sample_", "best_sample_")) for k in results)
+    own = "linear probe" if sampled else "classifier"
     for prefix, what in (("sample_", f"sampling ({draws} draw{'s' if draws > 1 else ''})"),
-                         ("", "linear probe")):
+                         ("", own)):
         for metric in ("top1", "top5", "many", "medium", "few"):
             key = prefix + metric
             if key in results or f"best_{key}" in results:
@@ -165,8 +169,8 @@ def format_results(results: Dict, draws: int = 1, selected_by: str = "top1",
 
     def cell(v):
         return f"{v:>8.2f}" if isinstance(v, (int, float)) else f"{'-':>8}"
-    chosen = {"sample_top1": "sampling top-1", "top1": "linear-probe top-1"}.get(selected_by,
-                                                                                 selected_by)
+    chosen = {"sample_top1": "sampling top-1", "top1": f"{own} top-1"}.get(selected_by,
+                                                                           selected_by)
     width = max([34] + [len(r[0]) for r in rows])
     lines = [f"| {'held-out accuracy (%)':<{width}} | {'last':>8} | {'best':>8} |",
              f"|{'-' * (width + 2)}|{'-' * 10}|{'-' * 10}|"]

@@ -393,7 +393,8 @@ class Trainer:
                              **{k: v for k, v in res.items() if k != "n"}}
             self.results = res
             if self.main_rank:
-                notice(f"epoch {epoch + 1}: held-out linear-probe top-1 {res['top1']:.2f} top-5 "
+                own = "linear-probe" if method(self.cfg.method).samples else "classifier"
+                notice(f"epoch {epoch + 1}: held-out {own} top-1 {res['top1']:.2f} top-5 "
                        f"{res['top5']:.2f}" + (f", sampling top-1 {res['sample_top1']:.2f}"
                                                if "sample_top1" in res else "")
                        + f" (best {self.select_by} {self.best.get('score', best):.2f} @ epoch "

@@ -72,7 +72,7 @@ def test_long_tailed_run_reports_the_split(tmp_path, capsys):
     res = train(cfg)
     assert all(0 <= res[k] <= 100 for k in ("many", "medium", "few", "best_many"))
     table = capsys.readouterr().out
-    assert "linear probe many-shot top-1" in table and "few-shot" in table
+    assert "classifier many-shot top-1" in table and "few-shot" in table  # a CE run
     off = tiny_config(tmp_path, "ce", dataset="filelist", data_path=root, train_list=train_list,
                       val_list=val_list, shot_split="off")
     assert training_class_counts(off) is None
@@ -199,3 +199,16 @@ def test_balanced_list_with_an_empty_class_reports_no_shot_split(tmp_path):
     lt = tiny_config(tmp_path, "ce", dataset="filelist", data_path=root, train_list=tail,
                      val_list=tail, num_classes=4)
     assert training_class_counts(lt).tolist() == [101, 101, 5, 0]
+
+
+def test_a_classifier_is_not_called_a_linear_probe_without_sampling(tmp_path, capsys):
+    """A CE / KD / DKD student's own classifier is no linear probe (GenDD's is: trained on
+    detached features beside the generative head), in the end-of-run table and in the
+    per-epoch line. Planted: the label 'linear probe' for every method -> fails."""
+    text = format_results({"top1": 1.0, "top5": 2.0, "best_top1": 4.0, "best_epoch": 3},
+                          selected_by="top1")
+    assert "linear probe" not in text and "| classifier top-1" in text
+    assert text.splitlines()[-1] == "best.pt: epoch 3, chosen by classifier top-1"
+    train(tiny_config(tmp_path, "ce", epochs=1))
+    err = capsys.readouterr().err
+    assert "held-out classifier top-1" in err and "linear-probe" not in err
