@@ -148,8 +148,8 @@ def test_sigterm_during_the_final_evaluation_marks_missing_results(tmp_path):
     pre-emption grace period would have killed it with nothing written."""
     out = tmp_path / "run"
     args = _gendd_cmd(tmp_path, out, "--epochs", "1", "--sample-eval", "end",
-                      "--sampling-steps", "400", "--num-sampling", "4", "--eval-batch-size", "1")
-    rc, err, took = _run_and_signal(tmp_path, "final", args, delay=1.0)
+                      "--sampling-steps", "1000", "--num-sampling", "4", "--eval-batch-size", "1")
+    rc, err, took = _run_and_signal(tmp_path, "final", args, delay=0.05)
     assert rc == 0, err[-3000:]
     assert "final evaluation stopped by SIGTERM" in err and "not scored" in err
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
