@@ -159,3 +159,28 @@ def _small_gendd(**kw):
     g = GenDD(create_model("resnet8", 5), nn.Linear(64, 5), DiffLoss, **args)
     perturb_zero_init(g.diffloss, std=0.2)
     return g
+
+
+def run_two_gloo_ranks(script, timeout=120):
+    """Run ``script`` as ranks 0 and 1 of a 2-process gloo group on this machine (a free
+    loopback port, one thread each, this checkout first on the path); fails on a rank's
+    non-zero exit, showing its stderr."""
+    import socket
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+               WORLD_SIZE="2", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    procs = [subprocess.Popen([sys.executable, str(script)], cwd=root, stderr=subprocess.PIPE,
+                              text=True, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
+             for r in range(2)]
+    try:
+        errs = [p.communicate(timeout=timeout)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, e in zip(procs, errs):
+        assert p.returncode == 0, e[-2000:]

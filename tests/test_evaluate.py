@@ -2,9 +2,6 @@
 training mode restored, and sampled logits averaged before classifying."""
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -24,7 +21,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,12 +126,6 @@ def eval_fixture(checkpoint=None):
     return model, [shard(0, 13), shard(13, 20)]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_evaluation_equals_single_process(tmp_path):
     """The same checkpoint scored by two gloo processes and by one.
     Planted: hit counts not all-reduced (n still is); neither reduced; top-5 not reduced."""
@@ -153,20 +143,8 @@ def test_two_process_evaluation_equals_single_process(tmp_path):
     script = tmp_path / "worker.py"
     out = str(tmp_path / "res")
     script.write_text(_WORKER.format(tests=HERE, out=out, ckpt=ckpt))
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()), WORLD_SIZE="2",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    procs = [subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stderr=subprocess.PIPE,
-                              text=True, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
-             for r in range(2)]
-    try:
-        errs = [p.communicate(timeout=120)[1] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, e in zip(procs, errs):
-        assert p.returncode == 0, e[-2000:]
+    from helpers import run_two_gloo_ranks
+    run_two_gloo_ranks(script)
     for r in range(2):
         got = json.load(open(out + str(r)))
         assert got["n"] == 20

@@ -211,32 +211,14 @@ def test_two_process_ikl_prior_equals_one_process(tmp_path):
     gloo processes, each with half of every batch, end epoch 0 with the one-process prior.
     Planted: the class accumulators not all-reduced across ranks -> fails."""
     import os
-    import socket
-    import subprocess
-    import sys
     here = os.path.dirname(os.path.abspath(__file__))
-    root = os.path.dirname(here)
     one = ikl_prior_after_one_epoch()
     half = ikl_prior_after_one_epoch(0, 2)
     assert not torch.allclose(half["prior"], one["prior"])   # a rank alone sees another mean
     script, out = tmp_path / "worker.py", str(tmp_path / "prior")
     script.write_text(_PRIOR_WORKER.format(tests=here, out=out))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-               WORLD_SIZE="2", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    procs = [subprocess.Popen([sys.executable, str(script)], cwd=root, stderr=subprocess.PIPE,
-                              text=True, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
-             for r in range(2)]
-    try:
-        errs = [p.communicate(timeout=120)[1] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, e in zip(procs, errs):
-        assert p.returncode == 0, e[-2000:]
+    from helpers import run_two_gloo_ranks
+    run_two_gloo_ranks(script)
     for r in range(2):
         got = torch.load(out + str(r), weights_only=True)
         assert torch.equal(got["seen"], one["seen"]), r
