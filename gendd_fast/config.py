@@ -304,6 +304,12 @@ class Config:
         False, MODEL,
         help="channels-last memory format for the convolutional models")
     compile: bool = option(False, SPEED, run=False, help="torch.compile the model")
+    teacher_cache: Optional[str] = option(
+        None, SPEED, run=False,
+        help="FILE of the frozen teacher's outputs for every augmented training input (in-memory "
+             "datasets with pad-and-crop augmentation): looked up by the input's content "
+             "instead of a teacher forward each step; built when FILE does not exist, refused "
+             "when it was made for another teacher, precision or data")
     cuda_graph: str = option(
         "auto", SPEED, choices=("auto", "on", "off"), run=False,
         help="capture the whole training step in one CUDA graph and replay it: auto (on CUDA "
@@ -635,6 +641,8 @@ def validate(cfg: Config):
     if cfg.randaug:
         from .data.augment import parse_randaug
         parse_randaug(cfg.randaug)  # raises on a malformed policy
+    if cfg.teacher_cache and not method(cfg.method).needs_teacher:
+        raise ValueError(f"--teacher-cache: --method {cfg.method} has no teacher to cache")
     if cfg.teacher_pretrained and not (cfg.teacher or "").startswith("timm:"):
         raise ValueError(f"--teacher-pretrained applies to timm:NAME teachers, not "
                          f"{cfg.teacher!r} (torchvision teachers take --teacher-weights)")

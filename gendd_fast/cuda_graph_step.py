@@ -43,6 +43,9 @@ def refusal(cfg, device: torch.device, world: int, amp: str, loaders, distiller)
         return "only torch's AdamW is graphed (capturable=True); use --opt adamw --opt-impl torch"
     if world > 1:
         return f"{world} processes: graphing the DDP all-reduce is not supported here"
+    if cfg.teacher_cache:
+        return ("--teacher-cache looks each batch up and decides on the host whether the "
+                "teacher runs")
     if cfg.compile:
         return "--compile: torch.compile manages its own graphs"
     head = getattr(distiller, "head", None)
@@ -130,7 +133,7 @@ class GraphedStep:
         t = self.t
         images, labels = self.static
         with t.ctx:
-            teacher_out = t.teacher(images) if t.teacher is not None else None
+            teacher_out = t.teacher_forward(images) if t.teacher_forward else None
             loss, parts = t.model(images, labels, teacher_out, 0.0)  # GenDD ignores progress
         bad = t.bad_step
         bad.copy_(torch.where((bad < 0) & ~torch.isfinite(loss.detach()), self.step_no, bad))

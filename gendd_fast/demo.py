@@ -73,8 +73,10 @@ BASELINE = {"kd": "scratch", "dkd": "scratch", "gendd": "scratch", "gendd-free":
 SAMPLED = ("gendd", "gendd-free")
 # Relative CPU cost of one step of each method (measured at 16 px: benchmarks/results/
 # demo_step_profile.json), for the ETA only; a step of the teacher's own training ~4.5 CE steps.
-STEP_COST = {"ce": 1.0, "kd": 2.8, "dkd": 2.8, "gendd-pretrain": 2.5, "gendd": 5.0}
+STEP_COST = {"ce": 1.0, "kd": 2.0, "dkd": 2.0, "gendd-pretrain": 1.0, "gendd": 3.8}
 TEACHER_STEP_COST = 4.5
+TEACHER_FORWARD_COST = 1.0  # of 64 images; saved by --teacher-cache, paid once per variant
+SAMPLE_STEP_COST = 0.0024   # one sampling step of one image (the steps sweep)
 
 
 # -- configurations ----------------------------------------------------------------------------
@@ -94,6 +96,14 @@ def teacher_stage(output: str, teacher: str = TEACHER, epochs: int = TEACHER_EPO
                 student=teacher)
 
 
+def teacher_cache_stage(student_fields: Dict, path: str) -> Dict:
+    """Building the teacher cache ahead of the students: the flags of a student that reads it
+    (``python -m gendd_fast.teacher_cache`` takes the train flags)."""
+    fields = {k: v for k, v in student_fields.items() if k not in ("name", "output")}
+    return dict(fields, name="teacher-cache", teacher_cache=path,
+                output=os.path.dirname(os.path.abspath(path)))
+
+
 def scaled(epochs: Dict[str, int], scale: float) -> Dict[str, int]:
     return {k: max(1, int(round(v * scale))) for k, v in epochs.items()}
 
@@ -102,12 +112,16 @@ def student_stages(output: str, seed: int, teacher: str = TEACHER, student: str 
                    epochs: Optional[Dict[str, int]] = None, sampling_steps: str = "64",
                    gendd: Optional[Dict] = None, image_size: int = IMAGE_SIZE,
                    teacher_checkpoint: Optional[str] = None, split: str = "test",
-                   labeled_fraction: float = LABELED_FRACTION) -> List[Dict]:
-    """The students of one seed, in order (GenDD's stage 1 before its stage 2)."""
+                   labeled_fraction: float = LABELED_FRACTION,
+                   teacher_cache: Optional[str] = None) -> List[Dict]:
+    """The students of one seed, in order (GenDD's stage 1 before its stage 2). With
+    ``teacher_cache`` the students that run the teacher every step look its outputs up there
+    instead (``--teacher-cache``: the same outputs, computed once per augmented image)."""
     ep = {**EPOCHS, **(epochs or {})}
     base = os.path.join(output, f"seed{seed}")
-    tch = dict(teacher=teacher, teacher_checkpoint=teacher_checkpoint
-               or os.path.join(output, "teacher", "last.pt"))
+    pretrain = dict(teacher=teacher, teacher_checkpoint=teacher_checkpoint
+                    or os.path.join(output, "teacher", "last.pt"))
+    tch = {**pretrain, **({"teacher_cache": teacher_cache} if teacher_cache else {})}
     head = {**GENDD_HEAD, **(gendd or {}), "sampling_steps": sampling_steps}
     scarce = {"labeled_fraction": labeled_fraction}
 
@@ -119,7 +133,7 @@ def student_stages(output: str, seed: int, teacher: str = TEACHER, student: str 
         stage("scratch", STUDENT_LR, method="ce", **scarce),
         stage("kd", STUDENT_LR, method="kd", **scarce, **tch),
         stage("dkd", STUDENT_LR, method="dkd", dkd_warmup=1, **scarce, **tch),
-        stage("gendd-stage1", STUDENT_LR, method="gendd-pretrain", **scarce, **tch),
+        stage("gendd-stage1", STUDENT_LR, method="gendd-pretrain", **scarce, **pretrain),
         stage("gendd", GENDD_LR, method="gendd", **scarce, **tch, **head,
               init=os.path.join(base, "gendd-stage1", "last.pt")),
         stage("kd-free", STUDENT_LR, method="kd", labels=False, **tch),
@@ -137,7 +151,8 @@ def command_line(fields: Dict) -> str:
         v = " ".join(map(str, v)) if isinstance(v, (list, tuple)) else v
         v = str(v).lower() if isinstance(v, bool) else v
         parts.append(f"--{k.replace('_', '-')} {v}")
-    return "python -m gendd_fast.train " + " ".join(parts)
+    entry = "teacher_cache" if fields.get("name") == "teacher-cache" else "train"
+    return f"python -m gendd_fast.{entry} " + " ".join(parts)
 
 
 # -- reading results -----------------------------------------------------------------------------
@@ -335,41 +350,52 @@ def trained_teacher_metrics(teacher_dir: str) -> Dict:
 
 def run_logged(fields: Dict, train_fn) -> Dict:
     """One stage: its command line and all its own output go to ``<output>/stage.log``; the
-    result carries the stage's CPU seconds as ``cpu_s``."""
+    result carries the stage's CPU seconds as ``cpu_s``. The teacher-cache stage builds the
+    cache file (``python -m gendd_fast.teacher_cache``) instead of training."""
     os.makedirs(fields["output"], exist_ok=True)
     values = {k: v for k, v in fields.items() if k != "name"}
     # overwrite: rerunning the demo replaces its own earlier runs (a fresh run into a folder
     # holding a checkpoint is refused otherwise)
     cfg = make_config(**{**values, "overwrite": True})
+    building = fields["name"] == "teacher-cache"
     c = time.process_time()
     with open(os.path.join(fields["output"], "stage.log"), "w") as fh, \
             contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
         print(command_line(fields), flush=True)
-        res = dict(train_fn(cfg))
+        if building:
+            from .teacher_cache import build_file
+            if os.path.isfile(cfg.teacher_cache):  # a rerun's teacher may be new: rebuild
+                os.remove(cfg.teacher_cache)
+            res = build_file(cfg)
+        else:
+            res = dict(train_fn(cfg))
     res["cpu_s"] = round(time.process_time() - c, 1)
     return res
 
 
-def run_task(task, train_fn=None, one_thread: bool = True):
-    """A unit of work for one worker: ("stages", [fields, ...]) run in order (GenDD's stage 1
-    then stage 2), or ("sweep", (checkpoint, sweep, log)). One torch thread per worker: each
-    stage then computes the same numbers whatever the machine's core count."""
+def run_task(steps, train_fn=None, one_thread: bool = True) -> List[Dict]:
+    """A unit of work for one worker: its steps in order, each ("stage", fields) (train, or build
+    the teacher cache) or ("sweep", (checkpoint, sweep, log)). One torch thread per worker: each
+    stage then computes the same numbers whatever the machine's core count. Stops after a stage
+    that a signal interrupted."""
     if one_thread:
         import torch
         torch.set_num_threads(1)
-    kind, payload = task
-    if kind == "sweep":
-        from .report import evaluate_checkpoints
-        ckpt, sweep, log = payload
-        with open(log, "w") as fh, contextlib.redirect_stdout(fh), \
-                contextlib.redirect_stderr(fh):
-            return evaluate_checkpoints([ckpt], {}, "auto", seed=0, sample=True,
-                                        sweep=sweep)[0]
-    if train_fn is None:
-        from .train import train as train_fn
     out = []
-    for fields in payload:
-        res = run_logged(fields, train_fn)
+    for kind, payload in steps:
+        if kind == "sweep":
+            from .report import evaluate_checkpoints
+            ckpt, sweep, log = payload
+            c = time.process_time()
+            with open(log, "w") as fh, contextlib.redirect_stdout(fh), \
+                    contextlib.redirect_stderr(fh):
+                res = evaluate_checkpoints([ckpt], {}, "auto", seed=0, sample=True,
+                                           sweep=sweep)[0]
+            out.append(dict(res, cpu_s=round(time.process_time() - c, 1)))
+            continue
+        if train_fn is None:
+            from .train import train as train_fn
+        res = run_logged(payload, train_fn)
         out.append(res)
         if res.get("stopped_by_signal") is not None:
             break  # train() turned a SIGTERM into a clean return: do not start the next stage
@@ -380,57 +406,108 @@ class Progress:
     """The terminal's view: "stage k of N" as each finishes, with an estimate of the time left
     from the seconds per unit of estimated cost (steps x relative step cost) so far."""
 
-    def __init__(self, stages: List[Dict], out=None):
-        self.n, self.out = len(stages), out or sys.stdout
-        self.total = sum(self.estimate(s) for s in stages)
+    def __init__(self, steps: List, out=None):
+        self.n, self.out = len(steps), out or sys.stdout
+        self.total = sum(self.cost(k, p) for k, p in steps)
         self.k, self.done_cost, self.t0 = 0, 0.0, time.time()
 
     @staticmethod
     def estimate(fields: Dict) -> float:
         images = 1438 * (1 - fields.get("val_from_train", 0.0))
+        if fields["name"] == "teacher-cache":  # one teacher forward per augmented image
+            return images * 25 / 64 * TEACHER_FORWARD_COST
         if fields["method"] in ("ce", "gendd-pretrain") and fields.get("labeled_fraction", 1) < 1:
             images *= fields["labeled_fraction"]
         steps = max(1, int(images) // fields["batch_size"]) * fields["epochs"]
         if fields.get("student") == TEACHER:
             return steps * TEACHER_STEP_COST
-        return steps * STEP_COST.get(fields["method"], 3.0)
+        cost = STEP_COST.get(fields["method"], 3.0)
+        return steps * (cost - TEACHER_FORWARD_COST if fields.get("teacher_cache") else cost)
 
-    def done(self, fields: Dict, cpu_s: float):
+    @staticmethod
+    def sweep_cost(payload) -> float:
+        _, sweep, _ = payload
+        return 360 * sum(sum(v) for v in sweep.values()) * SAMPLE_STEP_COST
+
+    def cost(self, kind: str, payload) -> float:
+        return self.estimate(payload) if kind == "stage" else self.sweep_cost(payload)
+
+    def done(self, payload, cpu_s: float, kind: str = "stage"):
         self.k += 1
-        self.done_cost += self.estimate(fields)
+        self.done_cost += self.cost(kind, payload)
         left = (time.time() - self.t0) / self.done_cost * (self.total - self.done_cost)
-        where = os.path.relpath(fields["output"]) if not os.path.isabs(fields["output"]) \
-            else fields["output"]
+        if kind == "stage":
+            where = payload["output"]
+        else:
+            where = os.path.join(os.path.dirname(payload[0]), "steps sweep")
+        where = os.path.relpath(where) if not os.path.isabs(where) else where
         print(f"stage {self.k} of {self.n} done: {where} ({cpu_s:.0f} CPU-s)"
               + (f", about {left / 60:.1f} min left" if self.k < self.n else ""),
               file=self.out, flush=True)
 
 
-def _run_all(tasks, workers: int, progress: Progress, train_fn=None):
-    """Run ``tasks`` on ``workers`` processes (0: in this process, one after another) and
-    return their results in order, reporting each stage as it finishes."""
-    results = [None] * len(tasks)
+class Task:
+    """Steps one worker runs in order, after the tasks named in ``after`` have finished."""
 
-    def finished(i, res):
-        results[i] = res
-        if tasks[i][0] == "stages":
-            for fields, r in zip(tasks[i][1], res):
-                progress.done(fields, r["cpu_s"])
-                if r.get("stopped_by_signal") is not None:
-                    raise SystemExit(f"demo stopped by signal {r['stopped_by_signal']} during "
-                                     f"{fields['name']} (its checkpoint is in "
-                                     f"{fields['output']})")
+    def __init__(self, name: str, steps: List, after: Sequence[str] = ()):
+        self.name, self.steps, self.after = name, list(steps), tuple(after)
+
+    def cost(self) -> float:
+        return sum(Progress.estimate(p) if k == "stage" else Progress.sweep_cost(p)
+                   for k, p in self.steps)
+
+
+def _critical_paths(tasks: List[Task]) -> Dict[str, float]:
+    """Each task's cost plus the most costly chain of tasks that waits for it: run first, the
+    task with the longest path keeps the workers busy to the end (list scheduling)."""
+    waiting = {t.name: [u for u in tasks if t.name in u.after] for t in tasks}
+    memo: Dict[str, float] = {}
+
+    def path(t: Task) -> float:
+        if t.name not in memo:
+            memo[t.name] = t.cost() + max((path(u) for u in waiting[t.name]), default=0.0)
+        return memo[t.name]
+    return {t.name: path(t) for t in tasks}
+
+
+def _run_all(tasks: List[Task], workers: int, progress: "Progress", train_fn=None
+             ) -> Dict[str, List[Dict]]:
+    """Run ``tasks`` (each after the ones it waits for) on ``workers`` processes started once
+    (0: in this process, in list order, which must put a task after those it waits for) and
+    return their results by name, reporting each step as it finishes. A worker that frees up
+    takes the ready task with the longest critical path."""
+    results: Dict[str, List[Dict]] = {}
+
+    def finished(t: Task, res: List[Dict]):
+        results[t.name] = res
+        for (kind, payload), r in zip(t.steps, res):
+            progress.done(payload, r["cpu_s"], kind)
+            if r.get("stopped_by_signal") is not None:
+                raise SystemExit(f"demo stopped by signal {r['stopped_by_signal']} during "
+                                 f"{payload['name']} (its checkpoint is in "
+                                 f"{payload['output']})")
     if workers <= 0:
-        for i, t in enumerate(tasks):
-            finished(i, run_task(t, train_fn, one_thread=False))
+        for t in tasks:
+            finished(t, run_task(t.steps, train_fn, one_thread=False))
         return results
     import concurrent.futures as cf
     import multiprocessing as mp
+    rank = _critical_paths(tasks)
+    pending = sorted(tasks, key=lambda t: -rank[t.name])
+    running: Dict = {}
     with cf.ProcessPoolExecutor(max_workers=min(workers, len(tasks)),
                                 mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(run_task, t): i for i, t in enumerate(tasks)}
-        for f in cf.as_completed(futures):
-            finished(futures[f], f.result())
+        while pending or running:
+            ready = [t for t in pending if all(a in results for a in t.after)]
+            for t in ready[:max(0, workers - len(running))]:
+                pending.remove(t)
+                running[pool.submit(run_task, t.steps)] = t
+            if not running:
+                missing = sorted({a for t in pending for a in t.after} - set(results))
+                raise RuntimeError(f"demo tasks wait for tasks that never run: {missing}")
+            done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            for f in done:
+                finished(running.pop(f), f.result())
     return results
 
 
@@ -464,48 +541,58 @@ def run_demo(output: str = os.path.join("runs", "digits-demo"), seeds: Sequence[
     sweep = SWEEP if sweep is None else sweep
     t0, c0 = time.time(), time.process_time()
     teacher_ckpt = os.path.join(reuse_teacher or os.path.join(output, "teacher"), "last.pt")
+    cache = os.path.join(output, "teacher-cache", "cache.pt")
     per_seed_stages = {seed: student_stages(output, seed, teacher, student, ep, sampling_steps,
                                             image_size=image_size,
-                                            teacher_checkpoint=teacher_ckpt, split=split)
+                                            teacher_checkpoint=teacher_ckpt, split=split,
+                                            teacher_cache=cache)
                        for seed in seeds}
-    first, rest = [], []  # the teacher and what does not need it; then the rest, longest first
+    sweeping = bool(sweep.get("ddpm") or sweep.get("ddim"))
+    # The work as tasks that wait for what they read: the teacher's checkpoint, then its cache
+    # (GenDD's stage 1 needs only the checkpoint); one pool of workers runs them all, so no
+    # worker waits at a phase boundary. The sweep runs right after each label-scarce GenDD.
+    tasks: List[Task] = []
+    after_teacher = () if reuse_teacher else ("teacher",)
     if not reuse_teacher:
-        first.append(("stages", [teacher_stage(output, teacher, teacher_epochs, image_size,
-                                               split)]))
+        tasks.append(Task("teacher", [("stage", teacher_stage(output, teacher, teacher_epochs,
+                                                              image_size, split))]))
+    first_kd = per_seed_stages[seeds[0]][1]
+    tasks.append(Task("teacher-cache", [("stage", teacher_cache_stage(first_kd, cache))],
+                      after_teacher))
     for seed, stages in per_seed_stages.items():
-        by = {s["name"]: s for s in stages}
-        first.append(("stages", [by["scratch"]]))
-        rest += [("stages", [by["gendd-stage1"], by["gendd"]]), ("stages", [by["gendd-free"]]),
-                 ("stages", [by["kd"]]), ("stages", [by["dkd"]]), ("stages", [by["kd-free"]])]
-    rest.sort(key=lambda t: -sum(Progress.estimate(f) for f in t[1]))
-    all_stages = [f for t in first + rest for f in t[1]]
-    progress = Progress(all_stages, out=open(os.devnull, "w") if quiet else sys.stdout)
+        by = {st["name"]: st for st in stages}
+        gendd = [("stage", by["gendd"])]
+        if sweeping:
+            ckpt = os.path.join(by["gendd"]["output"], "last.pt")
+            gendd.append(("sweep", (ckpt, sweep, os.path.join(by["gendd"]["output"],
+                                                              "steps_sweep.log"))))
+        tasks += [Task(f"scratch{seed}", [("stage", by["scratch"])]),
+                  Task(f"stage1-{seed}", [("stage", by["gendd-stage1"])], after_teacher),
+                  Task(f"gendd{seed}", gendd, ("teacher-cache", f"stage1-{seed}"))]
+        tasks += [Task(f"{name}{seed}", [("stage", by[name])], ("teacher-cache",))
+                  for name in ("gendd-free", "kd", "dkd", "kd-free")]
+    steps = [st for t in tasks for st in t.steps]
+    progress = Progress(steps, out=open(os.devnull, "w") if quiet else sys.stdout)
     if not quiet:
-        print(f"GenDD digits demo: {len(all_stages)} stages on {max(workers, 1)} worker "
+        print(f"GenDD digits demo: {len(steps)} stages on {max(workers, 1)} worker "
               f"process(es); each stage's output is in its folder's stage.log", flush=True)
-    done = _run_all(first, workers, progress, train_fn) + \
-        _run_all(rest, workers, progress, train_fn)
-    teacher_res = teacher_res or done[0][0]
+    done = _run_all(tasks, workers, progress, train_fn)
+    teacher_res = teacher_res or done["teacher"][0]
     per_seed: Dict[str, List[Dict]] = {}
-    cpu_by_stage: Dict[str, float] = {}
-    by_output = {f["output"]: r for t, res in zip(first + rest, done) for f, r in zip(t[1], res)}
+    by_output = {p["output"]: r for t in tasks for (k, p), r in zip(t.steps, done[t.name])
+                 if k == "stage"}
     for seed in seeds:  # in seed order, whatever order the workers finished in
         for st in per_seed_stages[seed]:
             res = by_output[st["output"]]
             if st["name"] != "gendd-stage1":
                 per_seed.setdefault(st["name"], []).append(
                     {k: metric(res, k) for k in ("top1", "top5", "sample_top1", "sample_top5")})
-    for out_dir, res in by_output.items():
-        cpu_by_stage[out_dir] = res["cpu_s"]
+    cpu_by_stage = {out_dir: res["cpu_s"] for out_dir, res in by_output.items()}
     sweep_rows = []
-    if sweep.get("ddpm") or sweep.get("ddim"):
-        ckpts = [os.path.join(per_seed_stages[s][4]["output"], "last.pt") for s in seeds]
-        if not quiet:
-            print(f"sampling-steps sweep on the {len(ckpts)} label-scarce GenDD students",
-                  flush=True)
-        tasks = [("sweep", (c, sweep, os.path.join(os.path.dirname(c), "steps_sweep.log")))
-                 for c in ckpts]
-        runs = _run_all(tasks, workers, progress, train_fn)
+    if sweeping:
+        runs = [done[f"gendd{seed}"][1] for seed in seeds]
+        cpu_by_stage.update({os.path.join(per_seed_stages[seed][4]["output"], "steps sweep"):
+                             r["cpu_s"] for seed, r in zip(seeds, runs)})
         probe = mean_std([r["top1"] for r in runs])
         for i, s in enumerate(runs[0]["sweep"]):
             per = [r["sweep"][i] for r in runs]
@@ -533,7 +620,7 @@ def run_demo(output: str = os.path.join("runs", "digits-demo"), seeds: Sequence[
                "image_size": image_size, "labeled_fraction": LABELED_FRACTION,
                "gendd_head": GENDD_HEAD, "sampling_steps": sampling_steps,
                "environment": env, "reused_teacher": reuse_teacher, "figure": figure,
-               "stages": [command_line(s) for s in all_stages]}
+               "stages": [command_line(p) for k, p in steps if k == "stage"]}
     os.makedirs(output, exist_ok=True)
     with open(os.path.join(output, "results.json"), "w") as fh:
         json.dump(summary, fh, indent=2)

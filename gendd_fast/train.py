@@ -35,7 +35,7 @@ from .notice import notice
 from .optim import LRSchedule, build_optimizer
 from .precision import autocast_for, resolve_amp
 from .run_lock import RunLock, RunLockError, describe as describe_holder
-from . import cuda_graph_step, signal_policy
+from . import cuda_graph_step, signal_policy, teacher_cache
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -225,6 +225,7 @@ class Trainer:
         self.progress = Progress(self.total_steps, start_step=self.global_step,
                                  enabled=self.main_rank and cfg.progress)
         self.ctx = autocast_for(self.device, self.amp)
+        self.open_teacher_cache()
         self.sample_kw = sampling_kwargs(cfg)
         configure_sampler(self.distiller, cfg)
         self.bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
@@ -244,6 +245,22 @@ class Trainer:
                       if self.distiller.head is not None else "")
                    + (", CUDA-graphed step" if self.graph_step else ""))
             notice(f"images {describe_pipeline(cfg)}")
+
+    def open_teacher_cache(self):
+        """The teacher forward of each step: the teacher, None for methods that never read its
+        outputs (GenDD's stage 1 uses its classifier only), or with --teacher-cache a lookup of
+        the teacher's outputs computed once per augmented input (gendd_fast.teacher_cache)."""
+        cfg = self.cfg
+        uses = self.teacher is not None and type(self.distiller).uses_teacher_outputs
+        self.teacher_forward = self.teacher if uses else None
+        if not cfg.teacher_cache:
+            return
+        why = teacher_cache.refusal(cfg, self.loaders, uses)
+        if why:
+            raise teacher_cache.TeacherCacheError(f"--teacher-cache: {why}")
+        self.teacher_forward = teacher_cache.open_cache(
+            cfg, self.teacher, self.loaders, self.device, self.ctx, self.amp, self.teacher_id,
+            self.main_rank, self.env.world)
 
     def stop_agreed(self) -> bool:
         """Whether to stop, decided for all ranks at once (an all-reduce of the stop flags):
@@ -309,7 +326,7 @@ class Trainer:
         ``self.step_terms`` and flags a non-finite loss in ``self.bad_step`` (no sync here)."""
         lr, _ = self.schedule.apply(self.optimizer, self.global_step)
         with self.ctx:
-            teacher_out = self.teacher(images) if self.teacher is not None else None
+            teacher_out = self.teacher_forward(images) if self.teacher_forward else None
             loss, parts = self.model(images, labels, teacher_out, progress_epochs)
         bad = self.bad_step
         bad.copy_(torch.where((bad < 0) & ~torch.isfinite(loss.detach()),
@@ -523,6 +540,8 @@ class Trainer:
     def clean_up(self) -> Dict:
         cfg, results = self.cfg, self.results
         results.setdefault("best_top1", self.best.get("top1", -1.0))
+        if isinstance(self.teacher_forward, teacher_cache.TeacherCache):
+            results.update(self.teacher_forward.stats())
         results.update(best_epoch=self.best["epoch"], selected_by=self.select_by,
                        epochs_run=self.epoch, global_step=self.global_step,
                        seconds=time.time() - self.t_run, output=cfg.output)

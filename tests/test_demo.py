@@ -89,7 +89,7 @@ def test_eta_counts_the_remaining_stages(tmp_path):
     out = io.StringIO()
     stages = [dict(name=f"s{i}", output=str(tmp_path / f"s{i}"), method="ce", batch_size=64,
                    epochs=1, dataset="digits") for i in range(3)]
-    progress = demo.Progress(stages, out=out)
+    progress = demo.Progress([("stage", st) for st in stages], out=out)
     progress.t0 -= 10.0  # pretend the first stage took 10 s
     progress.done(stages[0], 10.0)
     text = out.getvalue()

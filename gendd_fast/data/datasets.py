@@ -58,6 +58,29 @@ class ArrayDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.images)
 
+    def augmentation_count(self) -> Optional[int]:
+        """How many distinct inputs one training image can become (every crop offset, times two
+        with flips); None where the augmentation is not a finite set (RandAugment)."""
+        if not self.train or self.augment is not None:
+            return None
+        return (2 * self.pad + 1) ** 2 * (2 if self.flip else 1)
+
+    def augmentation_variants(self, i: int) -> torch.Tensor:
+        """Every uint8 CHW input ``self[(i, seed)]`` can return, for any seed: (V, C, H, W),
+        V = :meth:`augmentation_count` (the same arithmetic as :func:`pad_crop_flip`)."""
+        if self.augmentation_count() is None:
+            raise DatasetError("the training augmentation of this dataset is not a finite set "
+                               "(RandAugment): its variants cannot be listed")
+        img = torch.from_numpy(np.ascontiguousarray(self.images[i])).permute(2, 0, 1)
+        c, h, w = img.shape
+        p = self.pad
+        padded = torch.zeros((c, h + 2 * p, w + 2 * p), dtype=img.dtype)
+        padded[:, p:p + h, p:p + w] = img
+        crops = [padded[:, y:y + h, x:x + w] for y in range(2 * p + 1) for x in range(2 * p + 1)]
+        if self.flip:
+            crops += [cr.flip(-1) for cr in crops]
+        return torch.stack(crops).contiguous()
+
     def __getitem__(self, key):
         i, seed = _split_key(key)
         img = self.images[i]

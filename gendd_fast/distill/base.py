@@ -89,6 +89,7 @@ class Distiller(nn.Module):
     needs_teacher = False   # trains against a frozen teacher's features / logits
     needs_labels = True     # False: also trains without labels (--labels false)
     samples = False         # has a generative head (sampling evaluation, sampler settings)
+    uses_teacher_outputs = True  # reads teacher_out (False: the trainer skips the forward)
 
     @classmethod
     def from_config(cls, cfg, student: nn.Module, teacher: Optional[nn.Module], head_cls=None):

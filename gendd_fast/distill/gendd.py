@@ -15,6 +15,7 @@ from .base import (Distiller, _fp32, cross_entropy, frozen_copy, labelled_ce, la
 class GenDDPretrain(Distiller):
     """Stage 1: CE through the teacher's frozen classifier on ``proj(f_s)``."""
     needs_teacher = True
+    uses_teacher_outputs = False  # the classifier only: no teacher forward per step
 
     @classmethod
     def from_config(cls, cfg, student, teacher, head_cls=None):
