@@ -59,6 +59,7 @@ def profile_step(fields, epochs: int = 2):
     tr = Trainer(make_config(**{**{k: v for k, v in fields.items() if k != "name"},
                                 "init": None, "overwrite": True}))
     tr.set_up()
+    tr.resume()  # no checkpoint: records the teacher's identity (the teacher cache checks it)
     tr.prepare_loop()
     parts = dict(data=0.0, teacher=0.0, forward=0.0, backward=0.0, optimizer=0.0)
     pt, n = time.process_time, 0
@@ -93,20 +94,31 @@ def profile_step(fields, epochs: int = 2):
     return dict(ms, total=round(sum(ms.values()), 1), steps=n, eval_s=round(pt() - c, 2))
 
 
-def run_profile(out_json: str, output: str):
+PROFILES = {"old": ("old demo: 32 px, head width 256, mul 10", 32, {"mul": 10}),
+            "now": ("16 px, head width 256, mul 4, teacher forward every step", 16, {}),
+            "w128": ("16 px, head width 128, mul 4", 16, {"diffloss_w": 128}),
+            "mul10": ("16 px, head width 256, mul 10", 16, {"mul": 10}),
+            "cache": ("now: 16 px, head width 256, mul 4, --teacher-cache", 16, {})}
+
+
+def run_profile(out_json: str, output: str, only=None):
     record = {"host": demo.environment(), "runs": []}
-    settings = {"old demo: 32 px, head width 256, mul 10": (32, {"mul": 10}),
-                "now: 16 px, head width 256, mul 4": (16, {}),
-                "16 px, head width 128, mul 4": (16, {"diffloss_w": 128}),
-                "16 px, head width 256, mul 10": (16, {"mul": 10})}
+    settings = {label: (size, head) for key, (label, size, head) in PROFILES.items()
+                if not only or key in only}
     for name, (size, head) in settings.items():
         folder = os.path.join(output, f"profile{size}")
         if not os.path.isfile(os.path.join(folder, "teacher", "last.pt")):
             t = demo.teacher_stage(folder, epochs=1, image_size=size)
             timed(t)  # a one-epoch teacher: its speed, not its accuracy, matters here
+        cache = os.path.join(folder, "teacher-cache", "cache.pt") if "cache" in name else None
         stages = {s["name"]: s for s in demo.student_stages(folder, 0, image_size=size,
-                                                            gendd=head)}
-        keys = ("scratch", "kd", "gendd") if name.startswith(("old", "now")) else ("gendd",)
+                                                            gendd=head, teacher_cache=cache)}
+        if cache and not os.path.isfile(cache):  # built once, as the demo does, not per stage
+            c = time.process_time()
+            demo.run_logged(demo.teacher_cache_stage(stages["kd"], cache), None)
+            record["teacher_cache_build_cpu_s"] = round(time.process_time() - c, 1)
+        keys = ("scratch", "kd", "gendd") if "every step" in name or name.startswith(
+            ("old", "now")) else ("gendd",)
         for key in keys:
             # a folder of its own per setting: a Trainer that is only set up keeps its run lock
             where = os.path.join(output, "profile-steps", f"{len(record['runs'])}-{key}")
@@ -124,13 +136,14 @@ def main(argv=None):
                    help="teacher of `python -m gendd_fast.demo --split val`")
     p.add_argument("--out", default=os.path.join("benchmarks", "results", "demo_val_sweep.json"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--only", nargs="*", help="variant names to run (default: all)")
+    p.add_argument("--only", nargs="*", help="variant names to run (default: all); with "
+                   "--profile: settings among " + ", ".join(PROFILES))
     p.add_argument("--profile", action="store_true", help="time the parts of a step instead")
     args = p.parse_args(argv)
     if args.profile:
-        return run_profile(args.out if args.out.endswith("profile.json") else
+        return run_profile(args.out if "profile" in args.out else
                            os.path.join("benchmarks", "results", "demo_step_profile.json"),
-                           args.output)
+                           args.output, args.only)
     names = args.only or list(VARIANTS)
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
