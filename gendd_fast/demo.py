@@ -71,10 +71,11 @@ ROWS = (("teacher", "all labels", "teacher ({teacher}, CE)"),
         ("gendd-free", "label-free", "GenDD (sampling, --labels false)"))
 BASELINE = {"kd": "scratch", "dkd": "scratch", "gendd": "scratch", "gendd-free": "kd-free"}
 SAMPLED = ("gendd", "gendd-free")
-# Relative CPU cost of one step of each method (measured at 16 px: benchmarks/results/
-# demo_step_profile.json), for the ETA only; a step of the teacher's own training ~4.5 CE steps.
-STEP_COST = {"ce": 1.0, "kd": 2.0, "dkd": 2.0, "gendd-pretrain": 1.0, "gendd": 3.8}
-TEACHER_STEP_COST = 4.5
+# Relative CPU cost of one step of each method with the teacher forward (the stages' CPU
+# seconds of a default run, 16 px, one thread; unit: a CE step of scratch, about 54 ms), for the
+# ETA only; a step of the teacher's own training costs about 3 CE steps.
+STEP_COST = {"ce": 1.0, "kd": 1.75, "dkd": 1.8, "gendd-pretrain": 0.9, "gendd": 3.2}
+TEACHER_STEP_COST = 3.0
 TEACHER_FORWARD_COST = 1.0  # of 64 images; saved by --teacher-cache, paid once per variant
 SAMPLE_STEP_COST = 0.0024   # one sampling step of one image (the steps sweep)
 
@@ -101,7 +102,7 @@ def teacher_cache_stage(student_fields: Dict, path: str) -> Dict:
     (``python -m gendd_fast.teacher_cache`` takes the train flags)."""
     fields = {k: v for k, v in student_fields.items() if k not in ("name", "output")}
     return dict(fields, name="teacher-cache", teacher_cache=path,
-                output=os.path.dirname(os.path.abspath(path)))
+                output=os.path.dirname(path) or ".")
 
 
 def scaled(epochs: Dict[str, int], scale: float) -> Dict[str, int]:
@@ -406,10 +407,10 @@ class Progress:
     """The terminal's view: "stage k of N" as each finishes, with an estimate of the time left
     from the seconds per unit of estimated cost (steps x relative step cost) so far."""
 
-    def __init__(self, steps: List, out=None):
-        self.n, self.out = len(steps), out or sys.stdout
+    def __init__(self, steps: List, out=None, workers: int = 1):
+        self.n, self.out, self.workers = len(steps), out or sys.stdout, max(1, workers)
         self.total = sum(self.cost(k, p) for k, p in steps)
-        self.k, self.done_cost, self.t0 = 0, 0.0, time.time()
+        self.k, self.done_cost, self.done_cpu, self.t0 = 0, 0.0, 0.0, time.time()
 
     @staticmethod
     def estimate(fields: Dict) -> float:
@@ -435,7 +436,10 @@ class Progress:
     def done(self, payload, cpu_s: float, kind: str = "stage"):
         self.k += 1
         self.done_cost += self.cost(kind, payload)
-        left = (time.time() - self.t0) / self.done_cost * (self.total - self.done_cost)
+        self.done_cpu += cpu_s
+        # CPU seconds per unit of cost so far, shared by the workers: stages still running on
+        # other workers do not skew it, as a wall-clock rate would early on
+        left = self.done_cpu / self.done_cost * (self.total - self.done_cost) / self.workers
         if kind == "stage":
             where = payload["output"]
         else:
@@ -572,7 +576,8 @@ def run_demo(output: str = os.path.join("runs", "digits-demo"), seeds: Sequence[
         tasks += [Task(f"{name}{seed}", [("stage", by[name])], ("teacher-cache",))
                   for name in ("gendd-free", "kd", "dkd", "kd-free")]
     steps = [st for t in tasks for st in t.steps]
-    progress = Progress(steps, out=open(os.devnull, "w") if quiet else sys.stdout)
+    progress = Progress(steps, out=open(os.devnull, "w") if quiet else sys.stdout,
+                        workers=min(max(workers, 1), len(tasks)))
     if not quiet:
         print(f"GenDD digits demo: {len(steps)} stages on {max(workers, 1)} worker "
               f"process(es); each stage's output is in its folder's stage.log", flush=True)
