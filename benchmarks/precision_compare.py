@@ -21,15 +21,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import RESULTS, device_info, print_table, write_result  # noqa: E402
 
+from gendd_fast import demo  # noqa: E402
 from gendd_fast.config import make_config  # noqa: E402
-from gendd_fast.demo import demo_configs  # noqa: E402
 from gendd_fast.train import train  # noqa: E402
 
 
-def _stage(stages, name):
-    st = dict(next(s for s in stages if s["name"] == name))
-    st.pop("name"), st.pop("row")
-    return st
+def _fields(stage):
+    return {k: v for k, v in stage.items() if k != "name"}
 
 
 def summarise(runs, amp):
@@ -55,18 +53,19 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     device = torch.device("cpu")
-    stages, common = demo_configs(args.work, args.base_epochs, args.sampling_steps)
-    common = dict(common, device="cpu", progress=False, plot=False)
-    for name in ("teacher", "gendd-stage1"):  # shared by every GenDD run
-        st = _stage(stages, name)
-        train(make_config(**{**common, **st, "amp": "off",
-                             "output": os.path.join(args.work, name)}))
-    gendd = _stage(stages, "gendd")
+    common = dict(device="cpu", progress=False, plot=False, overwrite=True)
+    # the demo's own stages: its teacher, then the label-scarce GenDD of seed 0 (stage 1, 2)
+    students = {s["name"]: s for s in demo.student_stages(args.work, 0,
+                                                          sampling_steps=args.sampling_steps)}
+    for st in (demo.teacher_stage(args.work, epochs=args.base_epochs),
+               students["gendd-stage1"]):  # trained once in fp32, shared by every GenDD run
+        train(make_config(**{**_fields(st), **common, "amp": "off"}))
+    gendd = _fields(students["gendd"])
     runs = []
     for seed in args.seeds:
         for amp in ("off", "bf16"):
             t0 = time.time()
-            res = train(make_config(**{**common, **gendd, "epochs": args.epochs,
+            res = train(make_config(**{**gendd, **common, "epochs": args.epochs,
                                        "eval_every": args.epochs, "seed": seed, "amp": amp,
                                        "output": os.path.join(args.work, f"gendd-{amp}-{seed}")}))
             runs.append({"amp": amp, "seed": seed, "top1": res["top1"],
