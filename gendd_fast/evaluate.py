@@ -130,7 +130,8 @@ def image_indices(loader) -> Optional[torch.Tensor]:
     own account (``image_indices()``, the DataLoader and DALI paths), else None (then rank r is
     taken to yield images r, r + world, ..., the evaluation sampler's order)."""
     own = getattr(loader, "image_indices", None)
-    return torch.as_tensor(own(), dtype=torch.long) if own is not None else None
+    ids = own() if own is not None else None
+    return torch.as_tensor(ids, dtype=torch.long) if ids is not None else None
 
 
 def _batch_ids(ids: Optional[torch.Tensor], start: int, n: int) -> torch.Tensor:

@@ -225,10 +225,11 @@ class DaliLoader:
 
     def __init__(self, make_pipe, batch_size: int, train: bool, device: torch.device,
                  shard_size: int, reader_name: Optional[str], files: Optional[Sequence[str]],
-                 feed: Optional[_ArrayBatches] = None):
+                 feed: Optional[_ArrayBatches] = None, indices=None):
         self.make_pipe, self.reader_name = make_pipe, reader_name
         self.batch_size, self.train, self.device = batch_size, train, device
         self.shard_size, self.files, self.feed = shard_size, files, feed
+        self._indices = indices
         self.bad_images = 0
         self._it = None
         self._epoch, self._skip, self._next_epoch = 0, 0, None
@@ -258,6 +259,11 @@ class DaliLoader:
         elif skip_batches:
             notice(f"DALI: resuming mid-epoch, skipping {skip_batches} batches of a new "
                    f"shuffle (the DataLoader path resumes the exact order)")
+
+    def image_indices(self):
+        """Dataset index of each image this rank yields, in order (evaluation noise keys), as
+        the DataLoader path's ``image_indices``; None when the pipeline cannot say."""
+        return None if self._indices is None else self._indices()
 
     def __len__(self):
         n = max(0, self.shard_size - self._skip * self.batch_size)
@@ -323,8 +329,8 @@ def build_loaders(cfg, rank: int, world: int, device: torch.device):
                                                        seed=cfg.seed + rank,
                                                        num_threads=threads,
                                                        randaug=cfg.randaug),
-                                batch, train, device, len(sampler), None, None, feed)
-            loader.image_indices = lambda: sampler._indices()  # noise keys of evaluation
+                                batch, train, device, len(sampler), None, None, feed,
+                                indices=sampler._indices)
             return loader
         common = dict(train=train, size=cfg.image_size, val_resize=cfg.val_resize,
                       crop_scale=cfg.crop_scale, dataset=cfg.dataset, batch_size=batch,
@@ -345,10 +351,9 @@ def build_loaders(cfg, rank: int, world: int, device: torch.device):
         # smallest shard (n // world samples), so that all ranks take the same steps; len()
         # must count those, not the rank's own shard, or ranks disagree on the epoch's length.
         size = n // world if train else _shard_size(n, rank, world)
-        loader = DaliLoader(pipe, batch, train, device, size, "Reader", shard_files)
         first = n * rank // world  # the readers' shards are contiguous ranges
-        loader.image_indices = lambda: range(first, first + _shard_size(n, rank, world))
-        return loader
+        return DaliLoader(pipe, batch, train, device, size, "Reader", shard_files,
+                          indices=lambda: range(first, first + _shard_size(n, rank, world)))
 
     return Loaders(make(train_ds, True, cfg.batch_size), make(val_ds, False, cfg.eval_batch_size),
                    nc, "dali")
