@@ -75,7 +75,7 @@ def profile_step(fields, epochs: int = 2):
                 break
             parts["data"] += pt() - c
             c = pt()
-            t_out = tr.teacher_forward(x) if tr.teacher_forward else None
+            t_out = tr.teacher_forward(x) if tr.teacher_forward is not None else None
             parts["teacher"] += pt() - c
             c = pt()
             loss, _ = tr.model(x, y, t_out, 0.5)

@@ -133,7 +133,7 @@ class GraphedStep:
         t = self.t
         images, labels = self.static
         with t.ctx:
-            teacher_out = t.teacher_forward(images) if t.teacher_forward else None
+            teacher_out = t.teacher_forward(images) if t.teacher_forward is not None else None
             loss, parts = t.model(images, labels, teacher_out, 0.0)  # GenDD ignores progress
         bad = t.bad_step
         bad.copy_(torch.where((bad < 0) & ~torch.isfinite(loss.detach()), self.step_no, bad))

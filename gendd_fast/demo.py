@@ -365,9 +365,7 @@ def run_logged(fields: Dict, train_fn) -> Dict:
         print(command_line(fields), flush=True)
         if building:
             from .teacher_cache import build_file
-            if os.path.isfile(cfg.teacher_cache):  # a rerun's teacher may be new: rebuild
-                os.remove(cfg.teacher_cache)
-            res = build_file(cfg)
+            res = build_file(cfg, replace=True)  # the demo's own file: a new teacher rebuilds it
         else:
             res = dict(train_fn(cfg))
     res["cpu_s"] = round(time.process_time() - c, 1)
@@ -430,8 +428,9 @@ class Progress:
         _, sweep, _ = payload
         return 360 * sum(sum(v) for v in sweep.values()) * SAMPLE_STEP_COST
 
-    def cost(self, kind: str, payload) -> float:
-        return self.estimate(payload) if kind == "stage" else self.sweep_cost(payload)
+    @staticmethod
+    def cost(kind: str, payload) -> float:
+        return Progress.estimate(payload) if kind == "stage" else Progress.sweep_cost(payload)
 
     def done(self, payload, cpu_s: float, kind: str = "stage"):
         self.k += 1
@@ -457,8 +456,7 @@ class Task:
         self.name, self.steps, self.after = name, list(steps), tuple(after)
 
     def cost(self) -> float:
-        return sum(Progress.estimate(p) if k == "stage" else Progress.sweep_cost(p)
-                   for k, p in self.steps)
+        return sum(Progress.cost(k, p) for k, p in self.steps)
 
 
 def _critical_paths(tasks: List[Task]) -> Dict[str, float]:

@@ -174,9 +174,11 @@ class TeacherCache:
 
 
 def open_cache(cfg, teacher, loaders, device: torch.device, autocast, amp: str,
-               teacher_id: Optional[Dict], is_main: bool = True, world: int = 1) -> TeacherCache:
+               teacher_id: Optional[Dict], is_main: bool = True, world: int = 1,
+               replace: bool = False) -> TeacherCache:
     """The cache of ``cfg.teacher_cache``: loaded when the file exists and matches this run,
-    built by the main rank (and written atomically) when it does not; refused otherwise."""
+    built by the main rank (and written atomically) when it does not; a file made for another
+    run is refused, or with ``replace`` (one process: the demo's own cache) rebuilt."""
     from . import checkpoint as ckpt_io
     from .distributed import barrier, broadcast_object
     from .notice import notice
@@ -184,6 +186,7 @@ def open_cache(cfg, teacher, loaders, device: torch.device, autocast, amp: str,
     want = identity(cfg, ds, teacher_id, amp)
     entries = len(ds) * want["variants"]
     exists = broadcast_object(os.path.isfile(path) if is_main else None)  # one decision
+    table = None
     if not exists:
         nbytes = entries * 4 * (teacher.model.fc.in_features + teacher.model.fc.out_features + 4)
         if nbytes > MAX_BYTES:
@@ -193,34 +196,41 @@ def open_cache(cfg, teacher, loaders, device: torch.device, autocast, amp: str,
                 f"in memory (limit {MAX_BYTES / 2**30:.0f} GiB); train without it")
         if is_main:
             t0 = time.time()
-            table = build(teacher, ds, loaders.train.normalize, autocast)
-            ckpt_io.atomic_save({"format": FORMAT, "identity": want, **table}, path)
+            table = {"format": FORMAT, "identity": want,
+                     **build(teacher, ds, loaders.train.normalize, autocast)}
+            ckpt_io.atomic_save(table, path)
             notice(f"teacher cache: {len(table['keys']):,} distinct inputs ({len(ds)} images x "
                    f"{want['variants']} augmentations) through the teacher in "
                    f"{time.time() - t0:.1f}s, written to {path}")
         if world > 1:
             barrier()
-    saved = ckpt_io.read_checkpoint(path, "teacher cache")
-    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
-        raise TeacherCacheError(f"--teacher-cache {path!r} is not a teacher cache of this "
-                                f"version ({FORMAT}); remove it to rebuild it")
-    have = saved.get("identity") or {}
-    diff = [k for k in want if have.get(k) != want[k]]
-    if diff:
-        shown = "; ".join(f"{k}: file {have.get(k)!r}, this run {want[k]!r}" for k in diff[:3])
-        raise TeacherCacheError(f"--teacher-cache {path!r} was made for another run ({shown}); "
-                                f"remove it or pass another path, and it is rebuilt")
-    cache = TeacherCache(teacher, saved, device, path)
+    if table is None:  # the main rank keeps what it built; everyone else reads the file
+        table = ckpt_io.read_checkpoint(path, "teacher cache")
+        if not isinstance(table, dict) or table.get("format") != FORMAT:
+            raise TeacherCacheError(f"--teacher-cache {path!r} is not a teacher cache of this "
+                                    f"version ({FORMAT}); remove it to rebuild it")
+        have = table.get("identity") or {}
+        diff = [k for k in want if have.get(k) != want[k]]
+        if diff and replace and world == 1:
+            os.remove(path)
+            return open_cache(cfg, teacher, loaders, device, autocast, amp, teacher_id)
+        if diff:
+            shown = "; ".join(f"{k}: file {have.get(k)!r}, this run {want[k]!r}"
+                              for k in diff[:3])
+            raise TeacherCacheError(f"--teacher-cache {path!r} was made for another run "
+                                    f"({shown}); remove it or pass another path, and it is "
+                                    f"rebuilt")
+    cache = TeacherCache(teacher, table, device, path)
     if is_main:
         notice(f"teacher cache: {len(cache):,} teacher outputs from {path}; the teacher runs "
                f"only for an input missing from it")
     return cache
 
 
-def build_file(cfg) -> Dict:
+def build_file(cfg, replace: bool = False) -> Dict:
     """Build ``cfg.teacher_cache`` ahead of the runs that will read it (one process, the train
     flags of such a run): the same loaders, teacher and precision the trainer would use. A file
-    that already matches is kept; one made for another run is refused."""
+    that already matches is kept; one made for another run is refused (``replace``: rebuilt)."""
     from .build import build_method
     from .checkpoint import file_identity
     from .data import build_loaders
@@ -238,7 +248,8 @@ def build_file(cfg) -> Dict:
         raise TeacherCacheError(f"--teacher-cache: {why}")
     amp = resolve_amp(cfg.amp, device)
     tid = file_identity(cfg.teacher_checkpoint) if cfg.teacher_checkpoint else None
-    cache = open_cache(cfg, teacher, loaders, device, autocast_for(device, amp), amp, tid)
+    cache = open_cache(cfg, teacher, loaders, device, autocast_for(device, amp), amp, tid,
+                       replace=replace)
     return {"path": cfg.teacher_cache, "entries": len(cache),
             "seconds": round(time.time() - t0, 1), "cpu_s": round(time.process_time() - c0, 1)}
 

@@ -326,7 +326,8 @@ class Trainer:
         ``self.step_terms`` and flags a non-finite loss in ``self.bad_step`` (no sync here)."""
         lr, _ = self.schedule.apply(self.optimizer, self.global_step)
         with self.ctx:
-            teacher_out = self.teacher_forward(images) if self.teacher_forward else None
+            teacher_out = self.teacher_forward(images) if self.teacher_forward is not None \
+                else None
             loss, parts = self.model(images, labels, teacher_out, progress_epochs)
         bad = self.bad_step
         bad.copy_(torch.where((bad < 0) & ~torch.isfinite(loss.detach()),

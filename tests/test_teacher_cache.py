@@ -196,3 +196,18 @@ def test_settings_where_no_input_repeats_are_refused(tmp_path, teacher_file, ove
 def test_a_method_without_a_teacher_refuses_the_flag(tmp_path):
     with pytest.raises(ValueError, match="no teacher to cache"):
         tiny_config(tmp_path, "ce", teacher_cache=str(tmp_path / "c.pt"))
+
+
+def test_build_file_with_replace_rebuilds_a_file_made_for_another_teacher(tmp_path,
+                                                                         teacher_file):
+    cache = str(tmp_path / "cache.pt")
+    cfg = dataclasses.replace(tiny_config(tmp_path, "kd", teacher_file, synthetic_size=16),
+                              teacher_cache=cache)
+    tc.build_file(cfg)
+    other, _ = save_teacher(tmp_path, seed=7)
+    renamed = dataclasses.replace(cfg, teacher_checkpoint=other)
+    with pytest.raises(tc.TeacherCacheError, match="teacher_checkpoint_sha256"):
+        tc.build_file(renamed)
+    tc.build_file(renamed, replace=True)
+    res = train(dataclasses.replace(renamed, max_steps=1))  # the rebuilt file now matches
+    assert res["teacher_cache_misses"] == 0
