@@ -49,7 +49,7 @@ def summarise(rows, limits=None):
         a["max_registers"] = max(a["max_registers"], r["registers"])
         a["max_spill_stores"] = max(a["max_spill_stores"], r["spill_stores"])
         a["max_spill_loads"] = max(a["max_spill_loads"], r["spill_loads"])
-        if r["dtype"] != "fp32" and r["kernel"] == "_fused_matmul_kernel":
+        if r["dtype"] != "fp32" and r["kernel"] == "_matmul_kernel":
             a["max_spill_stores_hot"] = max(a["max_spill_stores_hot"], r["spill_stores"])
     for name, a in out.items():
         if limits and name in limits:

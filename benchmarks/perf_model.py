@@ -41,7 +41,7 @@ def peaks_for(name: str) -> Optional[Dict]:
 
 
 def _gemm(op, m, n, k, a_bytes, b_bytes, c_bytes, extra_bytes=0):
-    return dict(kernel="_fused_matmul_kernel", op=f"{op} {m}x{n}x{k}", flops=2 * m * n * k,
+    return dict(kernel="_matmul_kernel", op=f"{op} {m}x{n}x{k}", flops=2 * m * n * k,
                 bytes=m * k * a_bytes + k * n * b_bytes + m * n * c_bytes + extra_bytes)
 
 
@@ -122,8 +122,10 @@ def step_kernels_current(rows, width=1024, depth=3, token_dim=64, dtype="bf16", 
     k.append(_rows("_ln_stats_kernel", "final LN stats", n * W * e + n * 8))
     k.append(_gemm("final fwd (LN-mod)", n, 2 * d, W, 3 * e, e, f4))
     k.append(_rows("_diffusion_loss_kernel", "loss + dout", n * (2 * d * 4 * 2 + 2 * d * 4)))
-    k.append(_gemm("final dW", 2 * d, W, n, f4, 3 * e, f4))
-    k.append(_gemm("final du (+ bias sums)", n, W, 2 * d, f4, e, f4))
+    # du also writes g * dout in the compute dtype, the plain A of the final weight gradient
+    k.append(_gemm("final du (+ bias sums, g*dout copy)", n, W, 2 * d, f4, e, f4,
+                   n * 2 * d * e))
+    k.append(_gemm("final dW", 2 * d, W, n, e, 3 * e, f4))
     fold = 4 * e  # the gated-residual backward of the block below: v, gate read; dgate, dv written
     k.append(_rows("_ln_mod_bwd_kernel", "final LN-mod bwd (+ gate bwd below)",
                    n * W * (f4 + 2 * e + 3 * e + (fold if depth else 0))))
@@ -139,8 +141,8 @@ def step_kernels_current(rows, width=1024, depth=3, token_dim=64, dtype="bf16", 
     k.append(_gemm("modulation dW (one GEMM)", M, W, n, e, e, f4))
     k.append(_gemm("modulation dy (SiLU', scatter into the tables)", n, W, M, e, e, 0,
                    n * W * e + 3 * n * W * f4))
-    k.append(_gemm("time fc2 dW", W, W, T, f4, e, f4))
-    k.append(_gemm("time fc2 dh (SiLU')", T, W, W, f4, e, f4, T * W * e))
+    k.append(_gemm("time fc2 dh (SiLU', table copy)", T, W, W, f4, e, f4, 2 * T * W * e))
+    k.append(_gemm("time fc2 dW", W, W, T, e, e, f4))
     k.append(_gemm("time fc0 dW", W, 256, T, f4, e, f4))
     k.append(_gemm("cond_embed dW", W, z, B, f4, f4, f4))
     k.append(_gemm("cond_embed dz", B, z, W, f4, e, f4))

@@ -137,8 +137,9 @@ def launches_replaced(stats, run_kernels=False):
         if callable(grid):
             grid = grid(bound)
         stats["triton"][self.__name__] += 1
-        if "K" in bound and "A_MODE" in bound:
-            stats["triton_flops"] += 2 * bound["M"] * bound["N"] * bound["K"]
+        if "A_MODE" in bound:  # a GEMM: (M, N, K) bound as dims, or by name (older trees)
+            M, N, K = bound["dims"] if "dims" in bound else (bound["M"], bound["N"], bound["K"])
+            stats["triton_flops"] += 2 * M * N * K
         if run_kernels:
             return original(self, *args, grid=grid, warmup=warmup, **kwargs)
         return None

@@ -68,11 +68,27 @@ class Launch:
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
     def constexpr_values(self) -> Dict[str, object]:
+        """The kernel's own constexpr parameters (a key of one index; longer keys are
+        elements of a tuple argument that Triton specialised, e.g. a unit stride)."""
         names = self.fn.arg_names
-        return {names[k[0]]: v for k, v in self.constexprs.items()}
+        return {names[k[0]]: v for k, v in self.constexprs.items() if len(k) == 1}
+
+    def pointer_dtypes(self) -> Dict[str, str]:
+        """Every pointer argument's type, tuple elements named ``A[0]``."""
+        out = {}
+
+        def walk(name, ty):
+            if isinstance(ty, (tuple, list)):
+                for i, t in enumerate(ty):
+                    walk(f"{name}[{i}]", t)
+            elif isinstance(ty, str) and ty.startswith("*"):
+                out[name] = ty
+        for k, v in self.signature.items():
+            walk(k, v)
+        return out
 
     def describe(self) -> Dict:
-        ptrs = {k: v for k, v in self.signature.items() if v.startswith("*")}
+        ptrs = self.pointer_dtypes()
         return dict(kernel=self.kernel, call=self.call, ctas=self.ctas,
                     split_k=int(self.constexpr_values().get("SPLIT_K", 1)),
                     num_warps=self.num_warps,
@@ -134,10 +150,11 @@ _EPIS = {0: "store", 1: "gate_residual", 2: "silu_grad", 3: "scatter"}
 
 def _describe_call(bound) -> str:
     """A readable name for one launch: the GEMM problem and its prologues / epilogue."""
-    if "K" in bound and "A_MODE" in bound:
+    if "dims" in bound and "A_MODE" in bound:
         a = _MODES[bound["A_MODE"]] + ("^T" if bound["A_T"] else "")
-        return (f"{bound['M']}x{bound['N']}x{bound['K']} A={a}:{bound['A'].dtype} "
-                f"B={_MODES[bound['B_MODE']]}:{bound['B'].dtype} epi={_EPIS[bound['EPI']]}")
+        M, N, K = bound["dims"]
+        return (f"{M}x{N}x{K} A={a}:{bound['A'][0].dtype} "
+                f"B={_MODES[bound['B_MODE']]}:{bound['B'][0].dtype} epi={_EPIS[bound['EPI']]}")
     n = bound.get("n_rows", bound.get("n"))
     return f"rows={n}"
 
@@ -257,7 +274,7 @@ def compile_launch(rec: Launch, arch: int, use_cache: bool = True, registers: bo
     return res
 
 
-GEMM_KERNELS = ("_fused_matmul_kernel", "_matmul_kernel")  # one body, two argument lists
+GEMM_KERNELS = ("_matmul_kernel",)
 
 # The data-centre GPUs the step is tuned for: their bf16 / fp16 GEMMs must not spill.
 SPILL_FREE_ARCHS = (80, 90, 100)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .utils import empty, next_pow2, row_block, tl, triton
+from .utils import cdiv, empty, next_pow2, row_block, tl, triton
 
 if triton is not None:
 
@@ -47,7 +47,7 @@ class AdaLNConditionFunction(torch.autograd.Function):
                              f"pos {tuple(pos.shape)}")
         y = empty((n, W), temb.device, out_dtype)
         rows = row_block(n)
-        _condition_kernel[(triton.cdiv(n, rows),)](
+        _condition_kernel[(cdiv(n, rows),)](
             temb, temb.stride(0), ti, cond, cond.stride(0), ci, cond, cond.shape[0], pos,
             pos.stride(0), k, y,
             y.stride(0), n, W, ROWS=rows, BLOCK_W=next_pow2(W))
@@ -84,7 +84,7 @@ def condition_rows(temb, ti, cond, ci, cond_bias, pos, k, out_dtype):
     n, W = ti.shape[0], temb.shape[1]
     y = empty((n, W), temb.device, out_dtype)
     rows = row_block(n)
-    _condition_kernel[(triton.cdiv(n, rows),)](
+    _condition_kernel[(cdiv(n, rows),)](
         temb, temb.stride(0), ti, cond, cond.stride(0), ci, cond_bias, cond.shape[0], pos,
         pos.stride(0), k, y, y.stride(0), n, W, ROWS=rows, BLOCK_W=next_pow2(W))
     return y

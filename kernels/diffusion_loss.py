@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .utils import empty, next_pow2, row_block, tl, triton
+from .utils import cdiv, empty, next_pow2, row_block, tl, triton
 
 TABLE_COLUMNS = ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
                  "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
@@ -117,7 +117,7 @@ class DiffusionLossFunction(torch.autograd.Function):
         loss = empty(n, out.device, torch.float32)
         dout = empty((n, d2), out.device, torch.float32) if need else loss
         rows = row_block(n)
-        _diffusion_loss_kernel[(triton.cdiv(n, rows),)](
+        _diffusion_loss_kernel[(cdiv(n, rows),)](
             out, out.stride(0), x0, x0.stride(0), x_t, x_t.stride(0), eps, eps.stride(0),
             t.contiguous(), tables, loss, dout, dout.stride(0) if need else 0, n, d, 1.0,
             NEED_GRAD=need, XT_FROM_NOISE=False, ROWS=rows, BLOCK_D=next_pow2(d))
@@ -144,7 +144,7 @@ def loss_rows(out, x0, eps, t, tables, grad_scale: float):
     loss = empty(n, out.device, torch.float32)
     dout = empty((n, d2), out.device, torch.float32)
     rows = row_block(n)
-    _diffusion_loss_kernel[(triton.cdiv(n, rows),)](
+    _diffusion_loss_kernel[(cdiv(n, rows),)](
         out, out.stride(0), x0, x0.stride(0), x0, x0.stride(0), eps, eps.stride(0), t, tables,
         loss, dout, dout.stride(0), n, d2 // 2, grad_scale, NEED_GRAD=True, XT_FROM_NOISE=True,
         ROWS=rows, BLOCK_D=next_pow2(d2 // 2))

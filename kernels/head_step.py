@@ -33,9 +33,9 @@ from .adaln_block import LN_EPS
 from .adaln_condition import condition_rows
 from .diffusion_loss import loss_rows
 from .layernorm import ln_mod_backward, ln_stats
-from .matmul import (GATE_RESIDUAL, LNMOD, MUL, NOISE, SCATTER, SILU, SILU_GRAD, Operand,
-                     fused_matmul)
-from .utils import empty, row_block, triton
+from .matmul import (GATE_RESIDUAL, LNMOD, MIN_BLOCK_M, MUL, NOISE, SCATTER, SILU, SILU_GRAD,
+                     Operand, fused_matmul)
+from .utils import cdiv, empty, row_block, triton
 
 # Order of the master parameters passed to the function (after the fixed inputs).
 HEAD_NAMES = ("te0_w", "te0_b", "te2_w", "te2_b", "cond_w", "cond_b", "pos")
@@ -184,26 +184,32 @@ class HeadStepFunction(torch.autograd.Function):
         S = views[1 + 2 * D]
         # zeroed, in one launch: the partial sums (every producer writes only its own rows),
         # the three tables the condition backward scatters into, and the weight gradients
-        # whose grids are under one wave (time MLP, cond_embed, input_proj, final layer):
-        # split-K GEMMs add their partial tiles into them
-        prow = triton.cdiv(max(n, T), row_block(max(n, T)))
+        # whose grids are under one wave (time MLP, cond_embed, input_proj, final layer) and
+        # the condition's gradient dz (64 rows): split-K GEMMs add their partial tiles there
+        # rows: one per row-kernel program (over the n rows) or GEMM M tile (n or T rows)
+        prow = max(cdiv(n, row_block(n)), cdiv(max(n, T), MIN_BLOCK_M))
+        need_dz = ctx.needs_input_grad[6]
         zshapes = [(prow, cols.total), (T, W), (B + 1, W), (L, W), (W, consts.feat.shape[1]),
-                   (W, zc), (W, d), (2 * d, W), (W, W)]
+                   (W, zc), (W, d), (2 * d, W), (W, W)] + ([(B, zc)] if need_dz else [])
         zsizes = [a * b for a, b in zshapes]
         Z = torch.zeros(sum(zsizes), device=dev, dtype=torch.float32)
-        P, dtemb, dcond, dpos, dte0, dcw, dinw, dfin, dte2 = (
+        P, dtemb, dcond, dpos, dte0, dcw, dinw, dfin, dte2, *dz = (
             x.view(sh) for x, sh in zip(Z.split(zsizes), zshapes))
+        dz = dz[0] if need_dz else None
 
         gx = (g.reshape(1, 1) if g.dim() == 0 else g.reshape(n, 1)).expand(n, 2 * d)
         dop = Operand(dout, MUL, aux=gx)
         h, mu, rs, fshift, fscale = final
-        fused_matmul(dop, Operand(h, LNMOD, aux=fscale, shift=fshift, mean=mu, rstd=rs), dfin,
-                     a_t=True, accumulate=True, **kw)
         # one du and one da serve every layer in turn (each is consumed before the next)
         du = empty((n, W), dev, torch.float32)
         da = empty((n, W), dev, dt)
         dv = empty((n, W), dev, dt)  # g * gate of the block below, from its LN backward
-        fused_matmul(dop, Operand(wts.fin), du, part=P, a_sum=cols.bf, **kw)
+        # du also writes g * dout in the compute dtype: the final layer's weight gradient
+        # then reads a plain operand, which streams through shared memory (pipelined wgmma)
+        dsc = empty((n, 2 * d), dev, dt)
+        fused_matmul(dop, Operand(wts.fin), du, part=P, a_sum=cols.bf, a_copy=dsc, **kw)
+        fused_matmul(Operand(dsc), Operand(h, LNMOD, aux=fscale, shift=fshift, mean=mu,
+                                          rstd=rs), dfin, a_t=True, accumulate=True, **kw)
         dmods = empty((n, MW), dev, dt)
         c = 3 * W * D
 
@@ -242,17 +248,17 @@ class HeadStepFunction(torch.autograd.Function):
         fused_matmul(Operand(dmods), Operand(wts.mod), None, epilogue=SCATTER, e1=y, part=P,
                      c_sum=cols.tb2, c_sum2=cols.cb, scatter=(ti, ci, k, dtemb, dcond, dpos),
                      shape=(n, W), **kw)
-        fused_matmul(Operand(dtemb), Operand(h1, SILU), dte2, a_t=True, accumulate=True, **kw)
         dh1 = empty((T, W), dev, torch.float32)
+        dtemb_c = empty((T, W), dev, dt)  # the fp32 table in the compute dtype, as for dsc
         fused_matmul(Operand(dtemb), Operand(wts.te2), dh1, epilogue=SILU_GRAD, e1=h1, part=P,
-                     c_sum=cols.tb0, **kw)
+                     c_sum=cols.tb0, a_copy=dtemb_c, **kw)
+        fused_matmul(Operand(dtemb_c), Operand(h1, SILU), dte2, a_t=True, accumulate=True,
+                     **kw)
         fused_matmul(Operand(dh1), Operand(consts.feat), dte0, a_t=True, accumulate=True, **kw)
         dimg = dcond[:B]
         fused_matmul(Operand(dimg), Operand(z_img), dcw, a_t=True, accumulate=True, **kw)
-        dz = None
-        if ctx.needs_input_grad[6]:
-            dz = empty((B, zc), dev, torch.float32)
-            fused_matmul(Operand(dimg), Operand(wts.cond), dz, **kw)
+        if need_dz:
+            fused_matmul(Operand(dimg), Operand(wts.cond), dz, accumulate=True, **kw)
         torch.sum(P, 0, out=S)
         # S in column order: modulation biases per layer, (ln_w, ln_b) per block, (b0, b2)
         # per block, input_proj, final layer, time fc2, time fc0, cond_embed

@@ -11,7 +11,7 @@ from typing import Dict, Optional
 
 import torch
 
-from .utils import empty, empty_like, next_pow2, row_block, tl, triton
+from .utils import cdiv, empty, empty_like, next_pow2, row_block, tl, triton
 
 if triton is not None:
 
@@ -31,26 +31,30 @@ if triton is not None:
                 tl.store(RSTD + r, 1.0 / tl.sqrt(var + eps))
 
     @triton.jit
-    def _ln_mod_bwd_kernel(DU, sdu, H, sh, MEAN, RSTD, LNW, LNB, SCALE, ssc,
-                           G, sg, DH, sdh, DSHIFT, sds, DSCALE, sdsc, PART, sp, o_lw, o_lb,
-                           o_sh, o_sc, o_dh, V2, sv2, GATE2, sgt2, DGATE2, sdg2, DV2, sdv2,
-                           o_g, o_gb,
-                           n_rows, W, HAS_AFFINE: tl.constexpr, HAS_RESID: tl.constexpr,
-                           MOD_SUMS: tl.constexpr, DH_SUM: tl.constexpr, GATE: tl.constexpr,
-                           ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
+    def _ln_mod_bwd_kernel(X, AFF, G, OUT, PS, GT, n_rows, W, HAS_AFFINE: tl.constexpr,
+                           HAS_RESID: tl.constexpr, MOD_SUMS: tl.constexpr,
+                           DH_SUM: tl.constexpr, GATE: tl.constexpr, ROWS: tl.constexpr,
+                           BLOCK_W: tl.constexpr):
         """Per row: dshift, dscale, dh (+ the residual g). Per program, column partial sums
         into PART[pid, o_* + col]: d ln_w / d ln_b (HAS_AFFINE), d shift / d scale (MOD_SUMS,
         the modulation's bias gradient), dh (DH_SUM). GATE: dh is the output gradient of the
         gated residual ``h = h_prev + gate2 * v2`` below, whose backward is folded in here:
         dgate2 = dh * v2 (written, and summed into o_g) and dv2 = dh * gate2 (written: the plain
         A operand of that layer's two backward GEMMs; summed into o_gb, the bias gradient of
-        the layer that produced v2)."""
+        the layer that produced v2).
+
+        Tuples (short host binding): X = (du, sdu, h, sh, mean, rstd, scale, ssc);
+        AFF = (ln_w, ln_b) or (); G = (g, sg) or (); OUT = (dh, sdh, dshift, sds, dscale,
+        sdsc); PS = (part, sp, o_lw, o_lb, o_sh, o_sc, o_dh, o_g, o_gb) or ();
+        GT = (v2, sv2, gate2, sgt2, dgate2, sdg2, dv2, sdv2) or ()."""
+        DU, sdu, H, sh, MEAN, RSTD, SCALE, ssc = X[0], X[1], X[2], X[3], X[4], X[5], X[6], X[7]
+        DH, sdh, DSHIFT, sds, DSCALE, sdsc = OUT[0], OUT[1], OUT[2], OUT[3], OUT[4], OUT[5]
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_W)
         cmask = cols < W
         if HAS_AFFINE:
-            lw = tl.load(LNW + cols, mask=cmask, other=0.0).to(tl.float32)
-            lb = tl.load(LNB + cols, mask=cmask, other=0.0).to(tl.float32)
+            lw = tl.load(AFF[0] + cols, mask=cmask, other=0.0).to(tl.float32)
+            lb = tl.load(AFF[1] + cols, mask=cmask, other=0.0).to(tl.float32)
         acc_w = tl.zeros((BLOCK_W,), dtype=tl.float32)
         acc_b = tl.zeros((BLOCK_W,), dtype=tl.float32)
         acc_sh = tl.zeros((BLOCK_W,), dtype=tl.float32)
@@ -90,34 +94,35 @@ if triton is not None:
                 c2 = tl.sum(dxhat * xhat, axis=0) / W
                 dh = rstd * (dxhat - c1 - xhat * c2)
                 if HAS_RESID:
-                    dh += tl.load(G + r * sg + cols, mask=cmask, other=0.0).to(tl.float32)
+                    dh += tl.load(G[0] + r * G[1] + cols, mask=cmask, other=0.0).to(tl.float32)
                 dh = dh.to(DH.dtype.element_ty)
                 tl.store(DH + r * sdh + cols, dh, mask=cmask)
                 dh = dh.to(tl.float32)  # what the layers below read
                 if DH_SUM:
                     acc_dh += dh
                 if GATE:
-                    v2 = tl.load(V2 + r * sv2 + cols, mask=cmask, other=0.0).to(tl.float32)
-                    g2 = tl.load(GATE2 + r * sgt2 + cols, mask=cmask, other=0.0).to(tl.float32)
+                    v2 = tl.load(GT[0] + r * GT[1] + cols, mask=cmask, other=0.0).to(tl.float32)
+                    g2 = tl.load(GT[2] + r * GT[3] + cols, mask=cmask, other=0.0).to(tl.float32)
                     dg = dh * v2
-                    tl.store(DGATE2 + r * sdg2 + cols, dg.to(DGATE2.dtype.element_ty),
+                    tl.store(GT[4] + r * GT[5] + cols, dg.to(GT[4].dtype.element_ty),
                              mask=cmask)
                     acc_g += dg
                     dv = dh * g2
-                    tl.store(DV2 + r * sdv2 + cols, dv.to(DV2.dtype.element_ty), mask=cmask)
+                    tl.store(GT[6] + r * GT[7] + cols, dv.to(GT[6].dtype.element_ty), mask=cmask)
                     acc_gb += dv
-        base = PART + pid * sp + cols
-        if HAS_AFFINE:
-            tl.store(base + o_lw, acc_w, mask=cmask)
-            tl.store(base + o_lb, acc_b, mask=cmask)
-        if MOD_SUMS:
-            tl.store(base + o_sh, acc_sh, mask=cmask)
-            tl.store(base + o_sc, acc_sc, mask=cmask)
-        if DH_SUM:
-            tl.store(base + o_dh, acc_dh, mask=cmask)
-        if GATE:
-            tl.store(base + o_g, acc_g, mask=cmask)
-            tl.store(base + o_gb, acc_gb, mask=cmask)
+        if HAS_AFFINE or MOD_SUMS or DH_SUM or GATE:
+            base = PS[0] + pid * PS[1] + cols
+            if HAS_AFFINE:
+                tl.store(base + PS[2], acc_w, mask=cmask)
+                tl.store(base + PS[3], acc_b, mask=cmask)
+            if MOD_SUMS:
+                tl.store(base + PS[4], acc_sh, mask=cmask)
+                tl.store(base + PS[5], acc_sc, mask=cmask)
+            if DH_SUM:
+                tl.store(base + PS[6], acc_dh, mask=cmask)
+            if GATE:
+                tl.store(base + PS[7], acc_g, mask=cmask)
+                tl.store(base + PS[8], acc_gb, mask=cmask)
 
     @triton.jit
     def _gate_bwd_kernel(G, sg, V, sv, GATE, sgate, DGATE, sdg, PB, n_rows, W,
@@ -145,7 +150,7 @@ def ln_stats(x: torch.Tensor, eps: float):
     mean = empty(n, x.device, torch.float32)
     rstd = empty_like(mean)
     rows = row_block(n)
-    _ln_stats_kernel[(triton.cdiv(n, rows),)](x, x.stride(0), mean, rstd, n, W, eps, ROWS=rows,
+    _ln_stats_kernel[(cdiv(n, rows),)](x, x.stride(0), mean, rstd, n, W, eps, ROWS=rows,
                                               BLOCK_W=next_pow2(W))
     return mean, rstd
 
@@ -165,7 +170,7 @@ def ln_mod_backward(du, h, mean, rstd, scale, dshift_out, dscale_out,
     the block below (see the kernel)."""
     n, W = h.shape
     rows = row_block(n)
-    progs = triton.cdiv(n, rows)
+    progs = cdiv(n, rows)
     dh = empty((n, W), h.device, dh_dtype or h.dtype)
     affine = ln_w is not None
     own = part is None
@@ -173,18 +178,20 @@ def ln_mod_backward(du, h, mean, rstd, scale, dshift_out, dscale_out,
         part = empty((progs, 2 * W), h.device, torch.float32) if affine else dh
         offsets = dict(lw=0, lb=W) if affine else {}
     o = offsets or {}
-    v2, g2, dg2, dv2 = gate_below if gate_below is not None else (dh, dh, dh, dh)
-    gg = g if g is not None else du
+    sums = bool(o)
+    ps = (part, part.stride(0), o.get("lw", 0), o.get("lb", 0), o.get("sh", 0), o.get("sc", 0),
+          o.get("dh", 0), o.get("g", 0), o.get("gb", 0)) if sums else ()
+    if gate_below is not None:
+        v2, g2, dg2, dv2 = gate_below
+        gt = (v2, v2.stride(0), g2, g2.stride(0), dg2, dg2.stride(0), dv2, dv2.stride(0))
+    else:
+        gt = ()
     _ln_mod_bwd_kernel[(progs,)](
-        du, du.stride(0), h, h.stride(0), mean, rstd, ln_w if affine else mean,
-        ln_b if affine else mean, scale, scale.stride(0), gg, gg.stride(0), dh, dh.stride(0),
-        dshift_out, dshift_out.stride(0), dscale_out, dscale_out.stride(0), part,
-        part.stride(0), o.get("lw", 0), o.get("lb", 0), o.get("sh", 0), o.get("sc", 0),
-        o.get("dh", 0), v2, v2.stride(0), g2, g2.stride(0), dg2, dg2.stride(0), dv2,
-        dv2.stride(0), o.get("g", 0),
-        o.get("gb", 0), n, W, HAS_AFFINE=affine, HAS_RESID=g is not None,
-        MOD_SUMS="sh" in o, DH_SUM="dh" in o, GATE=gate_below is not None, ROWS=rows,
-        BLOCK_W=next_pow2(W))
+        (du, du.stride(0), h, h.stride(0), mean, rstd, scale, scale.stride(0)),
+        (ln_w, ln_b) if affine else (), (g, g.stride(0)) if g is not None else (),
+        (dh, dh.stride(0), dshift_out, dshift_out.stride(0), dscale_out, dscale_out.stride(0)),
+        ps, gt, n, W, HAS_AFFINE=affine, HAS_RESID=g is not None, MOD_SUMS="sh" in o,
+        DH_SUM="dh" in o, GATE=gate_below is not None, ROWS=rows, BLOCK_W=next_pow2(W))
     if not own:
         return dh
     if affine:
@@ -196,7 +203,7 @@ def gate_backward(g, v, gate, dgate_out):
     """dgate = g * v into ``dgate_out``; returns the column sums of g * gate (fp32)."""
     n, W = g.shape
     rows = row_block(n)
-    progs = triton.cdiv(n, rows)
+    progs = cdiv(n, rows)
     pb = empty((progs, W), g.device, torch.float32)
     _gate_bwd_kernel[(progs,)](g, g.stride(0), v, v.stride(0), gate, gate.stride(0), dgate_out,
                                dgate_out.stride(0), pb, n, W, ROWS=rows, BLOCK_W=next_pow2(W))

@@ -40,7 +40,7 @@ from typing import Optional
 import torch
 
 from .limits import shared_memory_limit
-from .utils import interpreting, tl, triton
+from .utils import cdiv, interpreting, tl, triton
 
 PLAIN, SILU, LNMOD, MUL, NOISE = 0, 1, 2, 3, 4
 STORE, GATE_RESIDUAL, SILU_GRAD, SCATTER = 0, 1, 2, 3
@@ -66,95 +66,68 @@ class Operand:
 if triton is not None:
 
     @triton.jit
-    def _load_tile(X, sx0, sx1, r, c, R, C, MODE: tl.constexpr,
-                   AUX, sa0, sa1, SH, MEAN, RSTD, LNW, LNB,
-                   HAS_AFFINE: tl.constexpr):
-        """Tile X[r, c] (fp32) after the prologue; out-of-range entries are 0. SH (the shift)
-        shares AUX's (the scale's) strides."""
-        mask = (r[:, None] < R) & (c[None, :] < C)
-        x = tl.load(X + r[:, None] * sx0 + c[None, :] * sx1, mask=mask, other=0.0).to(tl.float32)
+    def _along(v, ROWS: tl.constexpr, TRANS: tl.constexpr):
+        """Broadcast a per-row (``ROWS``) or per-column vector of the logical matrix over a
+        tile that is stored as is (TRANS False) or transposed (TRANS True)."""
+        if ROWS != TRANS:  # constexpr: one branch is compiled, so one return type
+            out = v[:, None]
+        else:
+            out = v[None, :]
+        return out
+
+    @triton.jit
+    def _load_tile(X, r, c, R, C, MODE: tl.constexpr, AFFINE: tl.constexpr,
+                   TRANS: tl.constexpr):
+        """Tile X[r, c] (fp32) after the prologue; out-of-range entries are 0. ``X`` is the
+        operand tuple (see :func:`operand_args`). ``TRANS``: the (c, r) tile of
+        ``prologue(X)^T``, loaded through swapped strides: no transpose in registers, so a plain
+        operand goes from the pipelined loads to shared memory and the tensor cores as it is
+        (sm_90: the weight-gradient GEMMs' wgmma can overlap the next loads)."""
+        rr = _along(r, True, TRANS)
+        cc = _along(c, False, TRANS)
+        mask = (rr < R) & (cc < C)
+        x = tl.load(X[0] + rr * X[1] + cc * X[2], mask=mask, other=0.0).to(tl.float32)
         if MODE == 1:
             x = x * tl.sigmoid(x)
-        elif MODE == 2:
-            mu = tl.load(MEAN + r, mask=r < R, other=0.0)
-            rs = tl.load(RSTD + r, mask=r < R, other=0.0)
-            x = (x - mu[:, None]) * rs[:, None]
-            if HAS_AFFINE:
-                w = tl.load(LNW + c, mask=c < C, other=0.0).to(tl.float32)
-                b = tl.load(LNB + c, mask=c < C, other=0.0).to(tl.float32)
-                x = x * w[None, :] + b[None, :]
-            sc = tl.load(AUX + r[:, None] * sa0 + c[None, :] * sa1, mask=mask,
-                         other=0.0).to(tl.float32)
-            sh = tl.load(SH + r[:, None] * sa0 + c[None, :] * sa1, mask=mask,
-                         other=0.0).to(tl.float32)
+        elif MODE == 2:  # (x, s0, s1, scale, ss0, ss1, shift, mean, rstd[, ln_w, ln_b])
+            mu = tl.load(X[7] + r, mask=r < R, other=0.0)
+            rs = tl.load(X[8] + r, mask=r < R, other=0.0)
+            x = (x - _along(mu, True, TRANS)) * _along(rs, True, TRANS)
+            if AFFINE:
+                w = tl.load(X[9] + c, mask=c < C, other=0.0).to(tl.float32)
+                b = tl.load(X[10] + c, mask=c < C, other=0.0).to(tl.float32)
+                x = x * _along(w, False, TRANS) + _along(b, False, TRANS)
+            off = rr * X[4] + cc * X[5]
+            sc = tl.load(X[3] + off, mask=mask, other=0.0).to(tl.float32)
+            sh = tl.load(X[6] + off, mask=mask, other=0.0).to(tl.float32)
             x = tl.where(mask, x * (1.0 + sc) + sh, 0.0)
-        elif MODE == 3:
-            y = tl.load(AUX + r[:, None] * sa0 + c[None, :] * sa1, mask=mask,
-                        other=0.0).to(tl.float32)
+        elif MODE == 3:  # (x, s0, s1, y, ys0, ys1)
+            y = tl.load(X[3] + rr * X[4] + cc * X[5], mask=mask, other=0.0).to(tl.float32)
             x = x * y
-        elif MODE == 4:  # x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
-            tt = tl.load(MEAN + r, mask=r < R, other=0)
-            ca = tl.load(RSTD + tt, mask=r < R, other=0.0)
-            cb = tl.load(LNW + tt, mask=r < R, other=0.0)
-            e = tl.load(AUX + r[:, None] * sa0 + c[None, :] * sa1, mask=mask,
-                        other=0.0).to(tl.float32)
-            x = ca[:, None] * x + cb[:, None] * e
+        elif MODE == 4:  # (x0, s0, s1, eps, es0, es1, t, sqrt_abar, sqrt_1m_abar)
+            tt = tl.load(X[6] + r, mask=r < R, other=0)
+            ca = tl.load(X[7] + tt, mask=r < R, other=0.0)
+            cb = tl.load(X[8] + tt, mask=r < R, other=0.0)
+            e = tl.load(X[3] + rr * X[4] + cc * X[5], mask=mask, other=0.0).to(tl.float32)
+            x = _along(ca, True, TRANS) * x + _along(cb, True, TRANS) * e
         return x
 
     @triton.jit
-    def _load_tile_t(X, sx0, sx1, r, c, R, C, MODE: tl.constexpr,
-                     AUX, sa0, sa1, SH, MEAN, RSTD, LNW, LNB,
-                     HAS_AFFINE: tl.constexpr):
-        """The (c, r) tile of ``prologue(X)^T``, loaded through swapped strides: no transpose in
-        registers, so a plain operand goes from the pipelined loads to shared memory and the
-        tensor cores as it is (sm_90: the weight-gradient GEMMs' wgmma can overlap the next
-        loads). Same prologues as :func:`_load_tile`, their per-row vectors along axis 1."""
-        mask = (c[:, None] < C) & (r[None, :] < R)
-        x = tl.load(X + c[:, None] * sx1 + r[None, :] * sx0, mask=mask, other=0.0).to(tl.float32)
-        if MODE == 1:
-            x = x * tl.sigmoid(x)
-        elif MODE == 2:
-            mu = tl.load(MEAN + r, mask=r < R, other=0.0)
-            rs = tl.load(RSTD + r, mask=r < R, other=0.0)
-            x = (x - mu[None, :]) * rs[None, :]
-            if HAS_AFFINE:
-                w = tl.load(LNW + c, mask=c < C, other=0.0).to(tl.float32)
-                b = tl.load(LNB + c, mask=c < C, other=0.0).to(tl.float32)
-                x = x * w[:, None] + b[:, None]
-            sc = tl.load(AUX + c[:, None] * sa1 + r[None, :] * sa0, mask=mask,
-                         other=0.0).to(tl.float32)
-            sh = tl.load(SH + c[:, None] * sa1 + r[None, :] * sa0, mask=mask,
-                         other=0.0).to(tl.float32)
-            x = tl.where(mask, x * (1.0 + sc) + sh, 0.0)
-        elif MODE == 3:
-            y = tl.load(AUX + c[:, None] * sa1 + r[None, :] * sa0, mask=mask,
-                        other=0.0).to(tl.float32)
-            x = x * y
-        elif MODE == 4:
-            tt = tl.load(MEAN + r, mask=r < R, other=0)
-            ca = tl.load(RSTD + tt, mask=r < R, other=0.0)
-            cb = tl.load(LNW + tt, mask=r < R, other=0.0)
-            e = tl.load(AUX + c[:, None] * sa1 + r[None, :] * sa0, mask=mask,
-                        other=0.0).to(tl.float32)
-            x = ca[None, :] * x + cb[None, :] * e
-        return x
-
-    @triton.jit
-    def _matmul_body(
-            A, sa0, sa1, A_MODE: tl.constexpr, A_T: tl.constexpr,
-            A_AUX, saa0, saa1, A_SH, A_MEAN, A_RSTD, A_LNW, A_LNB,
-            A_AFFINE: tl.constexpr,
-            B, sb0, sb1, B_MODE: tl.constexpr,
-            B_AUX, sba0, sba1, B_SH, B_MEAN, B_RSTD, B_LNW, B_LNB,
-            B_AFFINE: tl.constexpr,
-            C, sc0, sc1, BIAS, HAS_BIAS: tl.constexpr, EPI: tl.constexpr,
-            E1, se10, E2, se20, V, sv0,
-            PART, sp0, A_SUM: tl.constexpr, oa, C_SUM: tl.constexpr, oc, C_SUM2: tl.constexpr,
-            oc2, I0, I1, I2, T0, T1, T2,
-            M, N, K,
-            DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-            GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr):
+    def _matmul_kernel(A, B, C, E, P, dims,
+                       A_MODE: tl.constexpr, A_T: tl.constexpr, A_AFFINE: tl.constexpr,
+                       B_MODE: tl.constexpr, B_AFFINE: tl.constexpr, EPI: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, SUMS: tl.constexpr, A_COPY: tl.constexpr,
+                       DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr):
+        """``A``, ``B``: operand tuples; ``C``: (c, sc0, sc1[, bias]); ``E``: the epilogue's
+        tensors (GATE_RESIDUAL: (r, sr0, gate, sg0, v, sv0); SILU_GRAD: (p, sp0); SCATTER:
+        (p, sp0, i0, i1, i2, t0, t1, t2)); ``P``: (part, sp0, oa, oc, oc2, acopy, sac0) for
+        the column sums (``SUMS`` bits: 1 A, 2 C, 4 C again) and the copy of opA in the dot
+        dtype (``A_COPY``); ``dims``: (M, N, K). Tuples keep the launch's argument binding
+        short: it runs on the host for every launch. ``SPLIT_K`` > 1: the grid's second axis
+        splits the reduction and each program adds its partial tile into C atomically."""
+        M, N, K = dims[0], dims[1], dims[2]
         # grouped ordering of the output tiles: neighbouring programs share A rows in cache
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BLOCK_M)
@@ -177,99 +150,59 @@ if triton is not None:
         for k0 in range(k_lo, k_hi, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             if A_T:  # A = X^T: X[k, m] loaded as an (m, k) tile through swapped strides
-                a = _load_tile_t(A, sa0, sa1, offs_k, offs_m, K, M, A_MODE, A_AUX, saa0, saa1,
-                                 A_SH, A_MEAN, A_RSTD, A_LNW, A_LNB, A_AFFINE)
+                a = _load_tile(A, offs_k, offs_m, K, M, A_MODE, A_AFFINE, True)
             else:
-                a = _load_tile(A, sa0, sa1, offs_m, offs_k, M, K, A_MODE, A_AUX, saa0, saa1,
-                               A_SH, A_MEAN, A_RSTD, A_LNW, A_LNB, A_AFFINE)
-                if A_SUM:  # column sums of A over this tile's rows (a bias gradient)
+                a = _load_tile(A, offs_m, offs_k, M, K, A_MODE, A_AFFINE, False)
+                if SUMS % 2 == 1 or A_COPY:
                     if pid_n == 0:
-                        tl.store(PART + pid_m * sp0 + oa + offs_k, tl.sum(a, axis=0),
-                                 mask=offs_k < K)
-            b = _load_tile(B, sb0, sb1, offs_k, offs_n, K, N, B_MODE, B_AUX, sba0, sba1,
-                           B_SH, B_MEAN, B_RSTD, B_LNW, B_LNB, B_AFFINE)
+                        if SUMS % 2 == 1:  # column sums of A over this tile (a bias gradient)
+                            tl.store(P[0] + pid_m * P[1] + P[2] + offs_k, tl.sum(a, axis=0),
+                                     mask=offs_k < K)
+                        if A_COPY:  # opA as the dot sees it, for a later weight gradient
+                            tl.store(P[5] + offs_m[:, None] * P[6] + offs_k[None, :],
+                                     a.to(DOT_DTYPE),
+                                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+            b = _load_tile(B, offs_k, offs_n, K, N, B_MODE, B_AFFINE, False)
             if IEEE:
                 acc += tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision="ieee")
             else:
                 acc += tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE))
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         if HAS_BIAS:
-            bias = tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+            bias = tl.load(C[3] + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
             acc += bias[None, :]
         if EPI == 1:  # V = acc; C = R + G * V
-            tl.store(V + offs_m[:, None] * sv0 + offs_n[None, :],
-                     acc.to(V.dtype.element_ty), mask=mask)
-            res = tl.load(E1 + offs_m[:, None] * se10 + offs_n[None, :], mask=mask,
+            tl.store(E[4] + offs_m[:, None] * E[5] + offs_n[None, :],
+                     acc.to(E[4].dtype.element_ty), mask=mask)
+            res = tl.load(E[0] + offs_m[:, None] * E[1] + offs_n[None, :], mask=mask,
                           other=0.0).to(tl.float32)
-            gate = tl.load(E2 + offs_m[:, None] * se20 + offs_n[None, :], mask=mask,
+            gate = tl.load(E[2] + offs_m[:, None] * E[3] + offs_n[None, :], mask=mask,
                            other=0.0).to(tl.float32)
             acc = res + gate * acc
         elif EPI >= 2:  # C = acc * SiLU'(P)
-            p = tl.load(E1 + offs_m[:, None] * se10 + offs_n[None, :], mask=mask,
+            p = tl.load(E[0] + offs_m[:, None] * E[1] + offs_n[None, :], mask=mask,
                         other=0.0).to(tl.float32)
             sig = tl.sigmoid(p)
             acc = acc * sig * (1.0 + p * (1.0 - sig))
-        if C_SUM:  # this tile's column sums of C (a bias gradient), reduced by the caller
+        if SUMS >= 2:  # this tile's column sums of C (a bias gradient), reduced by the caller
             csum = tl.sum(tl.where(mask, acc, 0.0), axis=0)
-            tl.store(PART + pid_m * sp0 + oc + offs_n, csum, mask=offs_n < N)
-            if C_SUM2:
-                tl.store(PART + pid_m * sp0 + oc2 + offs_n, csum, mask=offs_n < N)
+            tl.store(P[0] + pid_m * P[1] + P[3] + offs_n, csum, mask=offs_n < N)
+            if SUMS >= 4:
+                tl.store(P[0] + pid_m * P[1] + P[4] + offs_n, csum, mask=offs_n < N)
         if EPI == 3:  # scatter-add the rows into three fp32 (rows, N) tables
             mm = offs_m < M
-            i0 = tl.load(I0 + offs_m, mask=mm, other=0)
-            i1 = tl.load(I1 + offs_m, mask=mm, other=0)
-            i2 = tl.load(I2 + offs_m, mask=mm, other=0)
-            tl.atomic_add(T0 + i0[:, None] * N + offs_n[None, :], acc, mask=mask)
-            tl.atomic_add(T1 + i1[:, None] * N + offs_n[None, :], acc, mask=mask)
-            tl.atomic_add(T2 + i2[:, None] * N + offs_n[None, :], acc, mask=mask)
+            i0 = tl.load(E[2] + offs_m, mask=mm, other=0)
+            i1 = tl.load(E[3] + offs_m, mask=mm, other=0)
+            i2 = tl.load(E[4] + offs_m, mask=mm, other=0)
+            tl.atomic_add(E[5] + i0[:, None] * N + offs_n[None, :], acc, mask=mask)
+            tl.atomic_add(E[6] + i1[:, None] * N + offs_n[None, :], acc, mask=mask)
+            tl.atomic_add(E[7] + i2[:, None] * N + offs_n[None, :], acc, mask=mask)
         elif SPLIT_K > 1:  # partial sums added into the zeroed fp32 C
-            tl.atomic_add(C + offs_m[:, None] * sc0 + offs_n[None, :] * sc1, acc, mask=mask)
+            tl.atomic_add(C[0] + offs_m[:, None] * C[1] + offs_n[None, :] * C[2], acc,
+                          mask=mask)
         else:
-            tl.store(C + offs_m[:, None] * sc0 + offs_n[None, :] * sc1,
-                     acc.to(C.dtype.element_ty), mask=mask)
-
-
-    @triton.jit
-    def _fused_matmul_kernel(
-            A, sa0, sa1, A_MODE: tl.constexpr, A_T: tl.constexpr,
-            A_AUX, saa0, saa1, A_SH, A_MEAN, A_RSTD, A_LNW, A_LNB, A_AFFINE: tl.constexpr,
-            B, sb0, sb1, B_MODE: tl.constexpr,
-            B_AUX, sba0, sba1, B_SH, B_MEAN, B_RSTD, B_LNW, B_LNB, B_AFFINE: tl.constexpr,
-            C, sc0, sc1, BIAS, HAS_BIAS: tl.constexpr, EPI: tl.constexpr,
-            E1, se10, E2, se20, V, sv0,
-            PART, sp0, A_SUM: tl.constexpr, oa, C_SUM: tl.constexpr, oc, C_SUM2: tl.constexpr,
-            oc2, I0, I1, I2, T0, T1, T2, M, N, K,
-            DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-            GROUP_M: tl.constexpr):
-        """The GEMM with column partial sums and / or the scatter epilogue."""
-        _matmul_body(A, sa0, sa1, A_MODE, A_T, A_AUX, saa0, saa1, A_SH, A_MEAN, A_RSTD, A_LNW,
-                     A_LNB, A_AFFINE, B, sb0, sb1, B_MODE, B_AUX, sba0, sba1, B_SH, B_MEAN,
-                     B_RSTD, B_LNW, B_LNB, B_AFFINE, C, sc0, sc1, BIAS, HAS_BIAS, EPI,
-                     E1, se10, E2, se20, V, sv0, PART, sp0, A_SUM, oa, C_SUM, oc, C_SUM2, oc2,
-                     I0, I1, I2, T0, T1, T2, M, N, K, DOT_DTYPE, IEEE, BLOCK_M, BLOCK_N,
-                     BLOCK_K, GROUP_M, 1)
-
-    @triton.jit
-    def _matmul_kernel(
-            A, sa0, sa1, A_MODE: tl.constexpr, A_T: tl.constexpr,
-            A_AUX, saa0, saa1, A_SH, A_MEAN, A_RSTD, A_LNW, A_LNB, A_AFFINE: tl.constexpr,
-            B, sb0, sb1, B_MODE: tl.constexpr,
-            B_AUX, sba0, sba1, B_SH, B_MEAN, B_RSTD, B_LNW, B_LNB, B_AFFINE: tl.constexpr,
-            C, sc0, sc1, BIAS, HAS_BIAS: tl.constexpr, EPI: tl.constexpr,
-            E1, se10, E2, se20, V, sv0, M, N, K,
-            DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-            GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr):
-        """The same GEMM without partial sums or scatter: 11 arguments fewer for Triton to
-        bind on every launch (most of the step's GEMMs). ``SPLIT_K`` > 1: the grid's second
-        axis splits the reduction and each program adds its partial tile into C atomically."""
-        _matmul_body(A, sa0, sa1, A_MODE, A_T, A_AUX, saa0, saa1, A_SH, A_MEAN, A_RSTD, A_LNW,
-                     A_LNB, A_AFFINE, B, sb0, sb1, B_MODE, B_AUX, sba0, sba1, B_SH, B_MEAN,
-                     B_RSTD, B_LNW, B_LNB, B_AFFINE, C, sc0, sc1, BIAS, HAS_BIAS, EPI,
-                     E1, se10, E2, se20, V, sv0, C, 0, False, 0, False, 0, False, 0,
-                     C, C, C, C, C, C, M, N, K, DOT_DTYPE, IEEE, BLOCK_M, BLOCK_N, BLOCK_K,
-                     GROUP_M, SPLIT_K)
+            tl.store(C[0] + offs_m[:, None] * C[1] + offs_n[None, :] * C[2],
+                     acc.to(C[0].dtype.element_ty), mask=mask)
 
 _DOT_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 _TL_DTYPE = {}
@@ -290,6 +223,11 @@ _FP32_TILES = {"wgrad": [(64, 64, 32, 8), (64, 64, 16, 4)],
                "narrow": [(128, 64, 32, 8), (64, 64, 32, 4)],
                "wide": [(128, 128, 32, 8), (128, 64, 32, 8), (64, 64, 32, 4)]}
 _MAX_STAGES = {"wgrad": 4, "narrow": 4, "wide": 3}
+# A grid under one wave whose reduction split-K cannot share out (one K block, or an epilogue
+# that must see the whole sum) takes the first of these (BLOCK_M, BLOCK_N) that fills a wave,
+# or the last: more, smaller programs. BLOCK_M stays 64 so sm_90 keeps its warpgroup MMA.
+_SMALL_GRID_TILES = [(64, 64), (64, 32), (64, 16)]
+MIN_BLOCK_M = 32  # the smallest BLOCK_M any launch takes (the interpreter's): partial-sum rows
 SMEM_MARGIN = 2048  # barriers and alignment padding the estimate does not itemise
 
 
@@ -328,10 +266,14 @@ def _launch_config(M: int, N: int, K: int, a_bytes: int = 4, b_bytes: int = 4,
         kind, tiles = "wide", _WIDE_TILES
     if dot_bytes == 4:  # a transposed fp32 A tile costs registers too: the small tiles
         tiles = _FP32_TILES["wgrad" if a_t else kind]
+    # a short reduction (K = 128: the final layer's dx) takes a BLOCK_K that leaves it 4 steps
+    # where a candidate has one: a one-step loop cannot overlap its loads with the MMA, and the
+    # smaller tile also keeps sm_80 from spilling beside the a_copy / a_sum stores
+    tiles = [t for t in tiles if cdiv(K, t[2]) >= 4] or tiles
     for bm, bn, bk, warps in tiles:
         # a pipeline as deep as the reduction loop only costs memory (and registers: ptxas
         # spills a two-iteration loop pipelined two deep)
-        top = max(1, min(_MAX_STAGES[kind], triton.cdiv(K, bk) - 1))
+        top = max(1, min(_MAX_STAGES[kind], cdiv(K, bk) - 1))
         for stages in range(top, 1 if top > 1 else 0, -1):
             if smem_estimate(bm, bn, bk, stages, a_bytes, b_bytes, dot_bytes,
                              transformed) <= smem_limit:
@@ -356,24 +298,34 @@ def _narrow(op: Operand, dot_dtype: torch.dtype) -> Operand:
     gradients under autocast) is cast once before the GEMM: the values are those the kernel's
     per-tile cast would give (round to nearest even both ways), and the pipeline then buffers
     half the bytes per stage."""
-    if op.mode == PLAIN and op.x.element_size() > torch.empty((), dtype=dot_dtype).element_size():
+    if op.mode == PLAIN and op.x.element_size() > _DOT_BYTES[dot_dtype]:
         return Operand(op.x.to(dot_dtype))
     return op
 
 
-def _operand_args(op: Operand, dummy: torch.Tensor):
-    aux = op.aux if op.aux is not None else dummy
-    sh = op.shift if op.shift is not None else dummy
+def operand_args(op: Operand) -> tuple:
+    """The kernel's tuple for one operand: ``(x, s0, s1)``, then what its prologue reads
+    (MUL: the factor and its strides; LNMOD: scale, its strides, shift, mean, rstd[, ln_w,
+    ln_b]; NOISE: the noise, its strides, t and the two tables). Only the tensors a mode uses
+    are bound, which keeps the host's per-launch binding short."""
+    x = op.x
+    s = x.stride()
+    mode = op.mode
+    if mode == PLAIN or mode == SILU:
+        return (x, s[0], s[1])
+    aux = op.aux
     sa = aux.stride()
     if len(sa) != 2:
         sa = (0, 0)
-    elif op.shift is not None and sh.stride() != sa:
+    if mode == MUL:
+        return (x, s[0], s[1], aux, sa[0], sa[1])
+    if mode == NOISE:
+        return (x, s[0], s[1], aux, sa[0], sa[1], op.mean, op.rstd, op.ln_w)
+    if op.shift.stride() != aux.stride():
         raise ValueError("fused_matmul: the LNMOD scale and shift must share strides")
-    lw = op.ln_w
-    return (aux, sa[0], sa[1], sh,
-            op.mean if op.mean is not None else dummy, op.rstd if op.rstd is not None else dummy,
-            lw if lw is not None else dummy, op.ln_b if op.ln_b is not None else dummy,
-            lw is not None)
+    if op.ln_w is None:
+        return (x, s[0], s[1], aux, sa[0], sa[1], op.shift, op.mean, op.rstd)
+    return (x, s[0], s[1], aux, sa[0], sa[1], op.shift, op.mean, op.rstd, op.ln_w, op.ln_b)
 
 
 def fused_matmul(a: Operand, b: Operand, out: Optional[torch.Tensor], a_t: bool = False,
@@ -382,7 +334,8 @@ def fused_matmul(a: Operand, b: Operand, out: Optional[torch.Tensor], a_t: bool 
                  v_out: Optional[torch.Tensor] = None, dot_dtype: torch.dtype = torch.float32,
                  ieee: bool = True, part: Optional[torch.Tensor] = None, a_sum: int = -1,
                  c_sum: int = -1, c_sum2: int = -1, scatter=None, narrow: bool = True,
-                 shape=None, accumulate: bool = False) -> Optional[torch.Tensor]:
+                 shape=None, accumulate: bool = False,
+                 a_copy: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """``out (M, N) <- epilogue(opA @ opB + bias)``; see the module docstring.
 
     ``part``: the (rows, cols) fp32 partial-sum buffer, with ``a_sum`` / ``c_sum`` / ``c_sum2``
@@ -390,7 +343,10 @@ def fused_matmul(a: Operand, b: Operand, out: Optional[torch.Tensor], a_t: bool 
     the SCATTER epilogue, which stores no ``out`` (then ``shape`` = (M, N)). ``narrow=False``
     keeps plain fp32 operands as they are (their tiles are cast in the kernel).
     ``accumulate``: ``out`` is fp32 and zeroed, so a grid under one wave may split the
-    reduction (split-K: each part adds its partial tile atomically); plain STORE only."""
+    reduction (split-K: each part adds its partial tile atomically); plain STORE only.
+    ``a_copy``: an (M, K) tensor in the dot dtype (unit column stride) that receives opA as the
+    tensor cores saw it (A not transposed): a later weight gradient then reads a plain operand
+    in the dot dtype, whose tiles stream through shared memory (pipelined wgmma on sm_90)."""
     M, N = out.shape if out is not None else shape
     ax = a.x
     K = ax.shape[0] if a_t else ax.shape[1]
@@ -406,36 +362,42 @@ def fused_matmul(a: Operand, b: Operand, out: Optional[torch.Tensor], a_t: bool 
         # memory, so on sm_90 each wgmma overlaps the next K step's (pendings = 1, not 0)
         return fused_matmul(b, Operand(a.x), out.t(), a_t=True, dot_dtype=dot_dtype, ieee=ieee,
                             narrow=False, accumulate=accumulate)
-    dummy = out if out is not None else scatter[3]
-    e1 = e1 if e1 is not None else dummy
-    e2 = e2 if e2 is not None else dummy
-    v = v_out if v_out is not None else dummy
-    pt = part if part is not None else dummy
-    i0, i1, i2, t0, t1, t2 = scatter if scatter is not None else (dummy,) * 6
-    cfg, grid, split = _launch(M, N, K, _operand_bytes(a), _operand_bytes(b),
-                               _DOT_BYTES[dot_dtype],
-                        a.mode != PLAIN or b.mode != PLAIN or a_t,
-                        shared_memory_limit(dummy.device),
-                        epilogue in (SILU_GRAD, SCATTER) or (a.mode in (MUL, NOISE) and
-                                                             ax.element_size() == 4),
-                        a_t, dot_dtype, ieee and dot_dtype == torch.float32,
-                        accumulate and epilogue == STORE and bias is None and part is None
-                        and out is not None and out.dtype == torch.float32)
-    c = out if out is not None else dummy
-    sa, sb, sc, s1, s2, sv = (a.x.stride(), b.x.stride(), c.stride(), e1.stride(), e2.stride(),
-                              v.stride())
-    if epilogue != STORE and (s1[1] != 1 or s2[1] != 1 or sv[1] != 1):  # unit columns assumed
-        raise ValueError("fused_matmul: e1, e2 and v_out need unit column stride")
-    head = (a.x, sa[0], sa[1], a.mode, a_t, *_operand_args(a, dummy),
-            b.x, sb[0], sb[1], b.mode, *_operand_args(b, dummy),
-            c, sc[0], sc[1], bias if bias is not None else dummy, bias is not None,
-            epilogue, e1, s1[0], e2, s2[0], v, sv[0])
-    if part is None and scatter is None:
-        _matmul_kernel[grid](*head, M, N, K, SPLIT_K=split, **cfg)
+    some = out if out is not None else scatter[3]
+    sums = (a_sum >= 0) + 2 * (c_sum >= 0) + 4 * (c_sum2 >= 0)
+    grid, kw = _launch(M, N, K, a.mode, _operand_bytes(a), ax.element_size(),
+                       a.mode == LNMOD and a.ln_w is not None, b.mode, _operand_bytes(b),
+                       b.mode == LNMOD and b.ln_w is not None, a_t, epilogue, bias is not None,
+                       sums, a_copy is not None, dot_dtype, ieee,
+                       accumulate and out is not None and out.dtype == torch.float32,
+                       shared_memory_limit(some.device))
+    if out is not None:
+        sc = out.stride()
+        c = (out, sc[0], sc[1]) if bias is None else (out, sc[0], sc[1], bias)
     else:
-        _fused_matmul_kernel[grid](
-            *head, pt, pt.stride(0), a_sum >= 0, max(a_sum, 0), c_sum >= 0, max(c_sum, 0),
-            c_sum2 >= 0, max(c_sum2, 0), i0, i1, i2, t0, t1, t2, M, N, K, **cfg)
+        c = ()
+    if epilogue == STORE:
+        e = ()
+    else:
+        ep = (e1,) if epilogue != GATE_RESIDUAL else (e1, e2, v_out)
+        if any(x.stride(1) != 1 for x in ep):  # unit columns assumed
+            raise ValueError("fused_matmul: e1, e2 and v_out need unit column stride")
+        if epilogue == GATE_RESIDUAL:
+            e = (e1, e1.stride(0), e2, e2.stride(0), v_out, v_out.stride(0))
+        elif epilogue == SILU_GRAD:
+            e = (e1, e1.stride(0))
+        else:
+            e = (e1, e1.stride(0), *scatter)
+    if sums or a_copy is not None:
+        if a_copy is not None and (a_t or a_copy.shape != (M, K) or a_copy.stride(1) != 1):
+            raise ValueError("fused_matmul: a_copy must be an (M, K) tensor with unit column "
+                             "stride, and A not transposed")
+        pt = part if part is not None else a_copy
+        ac = a_copy if a_copy is not None else pt
+        p = (pt, pt.stride(0), max(a_sum, 0), max(c_sum, 0), max(c_sum2, 0), ac, ac.stride(0))
+    else:
+        p = ()
+    _matmul_kernel.run(operand_args(a), operand_args(b), c, e, p, (M, N, K), grid=grid,
+                       warmup=False, **kw)
     return out
 
 
@@ -449,20 +411,37 @@ def split_k(tiles: int, K: int, block_k: int) -> int:
     """How many parts the reduction of a ``tiles``-program GEMM is split in (1: none)."""
     if tiles >= WAVE_SMS:
         return 1
-    return max(1, min(triton.cdiv(WAVE_SMS, tiles), triton.cdiv(K, block_k) // SPLIT_MIN_K_STEPS))
+    return max(1, min(cdiv(WAVE_SMS, tiles), cdiv(K, block_k) // SPLIT_MIN_K_STEPS))
 
 
 @functools.lru_cache(maxsize=4096)
-def _launch(M, N, K, a_bytes, b_bytes, dot_bytes, transformed, smem_limit, heavy, a_t,
-            dot_dtype, ieee, accumulate=False):
-    """Launch keywords (tiles, stages, dot dtype, split-K) and grid of one GEMM problem,
-    computed once per (problem, dtypes, device limit): a launch then costs one cache lookup.
-    ``accumulate``: the output is a zeroed fp32 buffer, so split-K may apply."""
-    cfg = dict(_launch_config(M, N, K, a_bytes, b_bytes, dot_bytes, transformed, smem_limit,
-                              heavy, a_t), DOT_DTYPE=_TL_DTYPE[dot_dtype], IEEE=ieee)
-    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
-    split = split_k(tiles, K, cfg["BLOCK_K"]) if accumulate else 1
-    return cfg, (tiles, split), split
+def _launch(M, N, K, a_mode, a_bytes, a_x_bytes, a_affine, b_mode, b_bytes, b_affine, a_t,
+            epilogue, has_bias, sums, a_copy, dot_dtype, ieee, accumulate, smem_limit):
+    """Grid and launch keywords (every constexpr: tiles, stages, modes, dot dtype, split-K) of
+    one GEMM, computed once per (problem, operands, epilogue, device limit): a launch then
+    costs one cache lookup. ``accumulate``: the output is a zeroed fp32 buffer, so split-K may
+    apply to a plain STORE without bias or partial sums."""
+    transformed = a_mode != PLAIN or b_mode != PLAIN or a_t
+    heavy = epilogue >= SILU_GRAD or (a_mode in (MUL, NOISE) and a_x_bytes == 4)
+    cfg = _launch_config(M, N, K, a_bytes, b_bytes, _DOT_BYTES[dot_dtype], transformed,
+                         smem_limit, heavy, a_t)
+    tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
+    splittable = accumulate and epilogue == STORE and not has_bias and not sums
+    split = split_k(tiles, K, cfg["BLOCK_K"]) if splittable else 1
+    if tiles * split < WAVE_SMS and not interpreting():
+        for bm, bn in _SMALL_GRID_TILES:
+            if bm > cfg["BLOCK_M"] or bn > cfg["BLOCK_N"]:
+                continue
+            tiles = cdiv(M, bm) * cdiv(N, bn)
+            split = split_k(tiles, K, cfg["BLOCK_K"]) if splittable else 1
+            cfg = dict(cfg, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+            if tiles * split >= WAVE_SMS:
+                break
+    kw = dict(cfg, A_MODE=a_mode, A_T=a_t, A_AFFINE=a_affine, B_MODE=b_mode,
+              B_AFFINE=b_affine, EPI=epilogue, HAS_BIAS=has_bias, SUMS=sums, A_COPY=a_copy,
+              DOT_DTYPE=_TL_DTYPE[dot_dtype], IEEE=ieee and dot_dtype == torch.float32,
+              SPLIT_K=split)
+    return (tiles, split), kw
 
 
 def weight_t(w: torch.Tensor) -> Operand:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .utils import empty, next_pow2, row_block, tl, triton
+from .utils import cdiv, empty, next_pow2, row_block, tl, triton
 
 if triton is not None:
 
@@ -31,7 +31,7 @@ if triton is not None:
 def _launch(x0, eps, t, sqrt_ac, sqrt_1mac, out):
     n, d = x0.shape
     rows = row_block(n)
-    _noise_injection_kernel[(triton.cdiv(n, rows),)](
+    _noise_injection_kernel[(cdiv(n, rows),)](
         x0, x0.stride(0), eps, eps.stride(0), t, sqrt_ac, sqrt_1mac, out, out.stride(0), n, d,
         ROWS=rows, BLOCK_D=next_pow2(d))
     return out

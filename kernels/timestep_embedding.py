@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .utils import empty, tl, triton
+from .utils import cdiv, empty, tl, triton
 
 if triton is not None:
 
@@ -34,7 +34,7 @@ def timestep_features(t: torch.Tensor, dim: int = 256, max_period: float = 10000
     n = t.shape[0]
     out = empty((n, dim), t.device, torch.float32)
     rows = 8
-    _timestep_features_kernel[(triton.cdiv(n, rows),)](t.contiguous(), out, n, HALF=dim // 2,
+    _timestep_features_kernel[(cdiv(n, rows),)](t.contiguous(), out, n, HALF=dim // 2,
                                                        neg_log_period=-math.log(max_period),
                                                        ROWS=rows)
     return out

@@ -58,6 +58,12 @@ def empty_like(t: torch.Tensor, dtype=None) -> torch.Tensor:
     return empty(t.shape, t.device, dtype or t.dtype)
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division on the host (``triton.cdiv`` is a jit function: calling it from Python
+    goes through the JIT's call path, some microseconds a call)."""
+    return -(-a // b)
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 

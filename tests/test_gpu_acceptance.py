@@ -44,7 +44,7 @@ def test_perf_model_counts_every_gemm_of_the_step():
     mod = runpy.run_path(os.path.join(BENCH, "perf_model.py"), run_name="bench")
     n, W, D, d, T, B, z = 5120, 1024, 3, 64, 1000, 64, 256
     ks = mod["step_kernels"](n, W, D, d, "bf16")
-    gemm = [k for k in ks if k["kernel"] == "_fused_matmul_kernel"]
+    gemm = [k for k in ks if k["kernel"] == "_matmul_kernel"]
     assert len(gemm) == 34
     time_mlp = [k for k in gemm if k["op"].startswith("time ")]
     cond = [k for k in gemm if k["op"].startswith("cond_embed ")]

@@ -28,9 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBSET = ("80:bf16:cifar,86:fp16:r50,89:bf16:r34,90:fp32:r34,100:fp32:cifar,"
           "120:fp32:r50")
 # the one-function step: noise injection and the gate backward are folded into GEMM / LN kernels
-KERNELS = {"_timestep_features_kernel", "_condition_kernel", "_fused_matmul_kernel",
-           "_matmul_kernel", "_ln_stats_kernel", "_diffusion_loss_kernel", "_ln_mod_bwd_kernel"}
-GEMMS = ("_fused_matmul_kernel", "_matmul_kernel")
+KERNELS = {"_timestep_features_kernel", "_condition_kernel", "_matmul_kernel", "_ln_stats_kernel", "_diffusion_loss_kernel", "_ln_mod_bwd_kernel"}
+GEMMS = ("_matmul_kernel",)
 
 
 def run_compiler_side(args):
@@ -77,9 +76,9 @@ def test_recorder_sees_every_gemm_of_the_step():
     code = ("import collections, torch\n"
             "from gendd_fast import launch_check as lc\n"
             "recs = lc.record_step(80, torch.bfloat16, 'r34')\n"
-            "gemm = ('_fused_matmul_kernel', '_matmul_kernel')\n"
+            "gemm = ('_matmul_kernel',)\n"
             "print(sum(r.kernel in gemm for r in recs))\n"
-            "print(sorted({r.signature['A'] for r in recs if r.kernel in gemm}))")
+            "print(sorted({r.signature['A'][0] for r in recs if r.kernel in gemm}))")
     proc = run_compiler_side(["-c", code])
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
@@ -104,7 +103,7 @@ def test_launch_problem_names_the_kernel_and_the_limit():
     assert proc.returncode == 0, proc.stderr[-3000:]
     no_fit, over = proc.stdout.strip().splitlines()[-2:]
     assert "no GEMM tile fits 16384 bytes of shared memory" in no_fit
-    assert over.startswith(("kernel _fused_matmul_kernel (", "kernel _matmul_kernel (")), over
+    assert over.startswith("kernel _matmul_kernel ("), over
     assert "allows 101376 B" in over
     need = int(over.split(" needs ")[1].split(" B ")[0])
     assert need > 101376
@@ -119,12 +118,12 @@ def test_trainer_stops_before_step_one_when_the_fused_head_cannot_launch(monkeyp
 
     def problem(device, dtype, shapes):
         seen.update(dtype=dtype, **shapes)
-        return "kernel _fused_matmul_kernel (...) needs 181248 B of shared memory per block"
+        return "kernel _matmul_kernel (...) needs 181248 B of shared memory per block"
 
     monkeypatch.setattr(launch_check, "fused_launch_problem", problem)
     cfg = Config(head="fused", amp="bf16", batch_size=8, mul=3)
     with pytest.raises(ValueError, match="--head fused cannot run on cpu: kernel "
-                                           "_fused_matmul_kernel .* 181248 B"):
+                                           "_matmul_kernel .* 181248 B"):
         choose_head(cfg, __import__("torch").device("cpu"))
     assert seen["width"] == cfg.diffloss_w and 24 in seen["rows"]
 
