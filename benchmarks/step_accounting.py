@@ -117,14 +117,15 @@ def launches_replaced(stats, run_kernels=False):
 
     original = JITFunction.run
     backend = make_backend(GPUTarget("cuda", 90, 32))
-    caches = {}
+    caches = {}  # per kernel, as JITFunction.run's self.device_caches[device]: an int-keyed
+    # lookup (keying on the JITFunction itself would hash its source key on every launch)
 
     def cache_hit(self, *args, grid, warmup, **kwargs):
         kwargs["debug"] = kwargs.get("debug", self.debug) or triton.knobs.runtime.debug
         kwargs["instrumentation_mode"] = triton.knobs.compilation.instrumentation_mode
-        entry = caches.get(self)
+        entry = caches.get(id(self))
         if entry is None:
-            entry = caches[self] = ({}, {}, create_function_from_signature(
+            entry = caches[id(self)] = ({}, {}, create_function_from_signature(
                 self.signature, self.params, backend))
         kernel_cache, key_cache, binder = entry
         bound, spec, options = binder(*args, **kwargs)

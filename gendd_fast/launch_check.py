@@ -35,7 +35,7 @@ import torch
 
 from .fused_head import FusedDiffLoss, fused_unavailable_reason
 from .kernels.limits import SHARED_MEMORY_OPTIN, SUPPORTED_ARCHS, simulate_arch
-from .kernels.utils import interpreting, triton
+from .kernels.utils import cdiv, interpreting, triton
 
 # Training shapes (head width 1024, depth 3, 64-dim tokens): images x tokens x copies rows, and
 # the condition width (the teacher feature size).
@@ -59,6 +59,7 @@ class Launch:
     num_stages: int
     call: str = ""  # which op launched it (GEMM shape, operand dtypes)
     ctas: int = 0   # programs in the grid (the same binary may launch with other grids)
+    dims: tuple = ()  # a GEMM's (M, N, K)
 
     def key(self, arch: int) -> str:
         blob = json.dumps([self.fn.cache_key, self.signature,
@@ -89,8 +90,14 @@ class Launch:
 
     def describe(self) -> Dict:
         ptrs = self.pointer_dtypes()
-        return dict(kernel=self.kernel, call=self.call, ctas=self.ctas,
-                    split_k=int(self.constexpr_values().get("SPLIT_K", 1)),
+        cv = self.constexpr_values()
+        gemm = {}
+        if self.dims:  # K blocks each program's loop runs (1: nothing for loads to overlap)
+            split, bk = int(cv.get("SPLIT_K", 1)), int(cv["BLOCK_K"])
+            gemm = dict(dims=list(self.dims), weight_gradient=bool(cv["A_T"]),
+                        k_steps=cdiv(cdiv(self.dims[2], bk), split))
+        return dict(kernel=self.kernel, call=self.call, ctas=self.ctas, **gemm,
+                    split_k=int(cv.get("SPLIT_K", 1)),
                     num_warps=self.num_warps,
                     num_stages=self.num_stages, constexprs={k: str(v) for k, v in
                                                             self.constexpr_values().items()},
@@ -134,7 +141,7 @@ def recording(arch: int, limit: Optional[int] = None):
             ctas *= int(x)
         records.append(Launch(self, self.__name__, signature, constexprs, attrs,
                               options.num_warps, options.num_stages, _describe_call(bound),
-                              ctas))
+                              ctas, tuple(bound["dims"]) if "dims" in bound else ()))
 
     JITFunction.run = record
     try:
@@ -296,6 +303,17 @@ def check(res: Dict, rec: Launch, arch: int) -> List[str]:
     return out
 
 
+def async_mma(res: Dict, rec: Launch, arch: int) -> Optional[bool]:
+    """Whether a GEMM's MMAs overlap its loads: on sm_90, wgmma with at least one group left in
+    flight at the wait (the TTGIR's ``pendings``); elsewhere a software pipeline of two or more
+    stages (cp.async). None for a kernel that is not a GEMM or did not compile."""
+    if rec.kernel not in GEMM_KERNELS or "error" in res:
+        return None
+    if arch == 90:
+        return bool(res.get("wgmma")) and (res.get("wgmma_pendings") or 0) >= 1
+    return rec.num_stages >= 2
+
+
 def is_hot_gemm(rec: Launch) -> bool:
     """A bf16 / fp16 GEMM: the kernels that carry the step, held to no spills."""
     if rec.kernel not in GEMM_KERNELS:
@@ -332,7 +350,8 @@ def run_matrix(combos, use_cache=True, jobs=1, log=print) -> Dict:
         bad = check(res, rec, arch)
         problems += bad
         rows.append(dict(arch=arch, dtype=dname, shape=shape, **rec.describe(), **res,
-                         ok=not bad, waves_132=round(rec.ctas / 132, 3)))
+                         ok=not bad, waves_132=round(rec.ctas / 132, 3),
+                         async_mma=async_mma(res, rec, arch)))
     return dict(rows=rows, problems=problems, worst=worst_case(rows))
 
 

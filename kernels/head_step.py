@@ -35,7 +35,7 @@ from .diffusion_loss import loss_rows
 from .layernorm import ln_mod_backward, ln_stats
 from .matmul import (GATE_RESIDUAL, LNMOD, MIN_BLOCK_M, MUL, NOISE, SCATTER, SILU, SILU_GRAD,
                      Operand, fused_matmul)
-from .utils import cdiv, empty, row_block, triton
+from .utils import cdiv, empty, row_block
 
 # Order of the master parameters passed to the function (after the fixed inputs).
 HEAD_NAMES = ("te0_w", "te0_b", "te2_w", "te2_b", "cond_w", "cond_b", "pos")

@@ -166,8 +166,8 @@ def ln_mod_backward(du, h, mean, rstd, scale, dshift_out, dscale_out,
     returns ``(dh [+ g], d ln_w, d ln_b)`` (the last two None without affine). With ``part``
     (the step's partial-sum buffer) the column sums go there at ``offsets`` (keys ``lw``,
     ``lb``, ``sh``, ``sc``, ``dh``, ``g``, ``gb``; a missing key is not computed) and only dh is
-    returned; ``gate_below = (v2, gate2, dgate2_out, dv2_out)`` folds in the gated-residual backward of
-    the block below (see the kernel)."""
+    returned; ``gate_below = (v2, gate2, dgate2_out, dv2_out)`` folds in the gated-residual
+    backward of the block below (see the kernel)."""
     n, W = h.shape
     rows = row_block(n)
     progs = cdiv(n, rows)

@@ -29,7 +29,13 @@ Epilogues (on the fp32 accumulator, plus an optional per-column bias):
 Column sums for bias gradients ride along where a kernel already holds the tensor: with a
 ``part`` buffer, ``c_sum`` (column offset) stores each M tile's column sums of C, ``c_sum2`` a
 second copy, ``a_sum`` the column sums of the A tile (pid_n == 0 programs); the caller reduces
-the partial rows of all of them in one ``sum`` at the end of the step.
+the partial rows of all of them in one ``sum`` at the end of the step. ``a_copy`` has the same
+programs store opA in the dot dtype, for a later weight gradient to read as a plain operand.
+
+The kernel takes its operands, output, epilogue tensors and partial sums as tuples that hold
+only what the modes in force read: Triton binds and specialises every argument on the host at
+every launch, so a short argument list is a cheap launch. Each distinct problem's tiles,
+stages and constexprs are computed once (:func:`_launch`).
 """
 from __future__ import annotations
 
@@ -39,7 +45,7 @@ from typing import Optional
 
 import torch
 
-from .limits import shared_memory_limit
+from .limits import compute_capability, shared_memory_limit
 from .utils import cdiv, interpreting, tl, triton
 
 PLAIN, SILU, LNMOD, MUL, NOISE = 0, 1, 2, 3, 4
@@ -245,14 +251,16 @@ def smem_estimate(bm, bn, bk, stages, a_bytes, b_bytes, dot_bytes, transformed):
 @functools.lru_cache(maxsize=4096)
 def _launch_config(M: int, N: int, K: int, a_bytes: int = 4, b_bytes: int = 4,
                    dot_bytes: int = 4, transformed: bool = True, smem_limit: int = 232448,
-                   heavy: bool = False, a_t: bool = False):
+                   heavy: bool = False, a_t: bool = False, arch: int = 90):
     """Tiles and stages for one GEMM that fit ``smem_limit`` bytes of shared memory. The
     interpreter gets small blocks (fast on CPU). On the GPU the tiles follow the problem:
     weight-gradient GEMMs (small M x N, long K) use smaller tiles for occupancy; a LayerNorm or
     SiLU prologue keeps a whole fp32 tile live, so 128-row tiles get 8 warps; ``heavy`` (the
     SiLU' epilogue, which loads a tile and keeps it live beside the accumulator) takes 64-column
     tiles: at 128 x 128, ptxas spills there on sm_80 and sm_90; so does an fp32 A operand
-    formed by a two-tensor prologue (the noise injection, ``dout * g``) on sm_80.
+    formed by a two-tensor prologue (the noise injection, ``dout * g``) on sm_80. On sm_100
+    ptxas holds an 8-warp heavy tile to 80 registers and spills (12 B at 128 x 64 x 64): there
+    heavy tiles take 4 warps (196 registers, no spill).
 
     Cached: the search runs once per (problem, operand bytes, shared-memory limit), not per
     launch."""
@@ -266,6 +274,8 @@ def _launch_config(M: int, N: int, K: int, a_bytes: int = 4, b_bytes: int = 4,
         kind, tiles = "wide", _WIDE_TILES
     if dot_bytes == 4:  # a transposed fp32 A tile costs registers too: the small tiles
         tiles = _FP32_TILES["wgrad" if a_t else kind]
+    elif heavy and 100 <= arch < 120:  # the data-centre Blackwells (sm_100, sm_103)
+        tiles = [(bm, bn, bk, 4) for bm, bn, bk, _ in tiles]
     # a short reduction (K = 128: the final layer's dx) takes a BLOCK_K that leaves it 4 steps
     # where a candidate has one: a one-step loop cannot overlap its loads with the MMA, and the
     # smaller tile also keeps sm_80 from spilling beside the a_copy / a_sum stores
@@ -349,44 +359,53 @@ def fused_matmul(a: Operand, b: Operand, out: Optional[torch.Tensor], a_t: bool 
     in the dot dtype, whose tiles stream through shared memory (pipelined wgmma on sm_90)."""
     M, N = out.shape if out is not None else shape
     ax = a.x
-    K = ax.shape[0] if a_t else ax.shape[1]
-    if (ax.shape[1] if a_t else ax.shape[0]) != M or b.x.shape != (K, N):
+    if a_t:
+        K, am = ax.shape
+    else:
+        am, K = ax.shape
+    if am != M or b.x.shape != (K, N):
         raise ValueError(f"fused_matmul: shapes do not chain: A {tuple(ax.shape)} "
                          f"(transposed={a_t}), B {tuple(b.x.shape)}, out {(M, N)}")
     if narrow:
         a, b = _narrow(a, dot_dtype), _narrow(b, dot_dtype)
-    if (a_t and a.mode == PLAIN and b.mode != PLAIN and out is not None and bias is None
+    amode, bmode = a.mode, b.mode
+    if (a_t and amode == PLAIN and bmode != PLAIN and out is not None and bias is None
             and epilogue == STORE and part is None):
         # a weight gradient whose B has a prologue: as C^T = opB^T @ A the transformed
         # operand is the one fed from registers and the plain one streams through shared
         # memory, so on sm_90 each wgmma overlaps the next K step's (pendings = 1, not 0)
         return fused_matmul(b, Operand(a.x), out.t(), a_t=True, dot_dtype=dot_dtype, ieee=ieee,
                             narrow=False, accumulate=accumulate)
-    some = out if out is not None else scatter[3]
+    A, B = operand_args(a), operand_args(b)
     sums = (a_sum >= 0) + 2 * (c_sum >= 0) + 4 * (c_sum2 >= 0)
-    grid, kw = _launch(M, N, K, a.mode, _operand_bytes(a), ax.element_size(),
-                       a.mode == LNMOD and a.ln_w is not None, b.mode, _operand_bytes(b),
-                       b.mode == LNMOD and b.ln_w is not None, a_t, epilogue, bias is not None,
-                       sums, a_copy is not None, dot_dtype, ieee,
-                       accumulate and out is not None and out.dtype == torch.float32,
-                       shared_memory_limit(some.device))
     if out is not None:
         sc = out.stride()
         c = (out, sc[0], sc[1]) if bias is None else (out, sc[0], sc[1], bias)
+        grid, kw = _launch(M, N, K, amode, _tuple_bytes(A, amode), ax.element_size(),
+                           len(A) == 11, bmode, _tuple_bytes(B, bmode), len(B) == 11, a_t,
+                           epilogue, bias is not None, sums, a_copy is not None, dot_dtype,
+                           ieee, accumulate and out.dtype == torch.float32,
+                           shared_memory_limit(out), compute_capability(out))
     else:
         c = ()
+        grid, kw = _launch(M, N, K, amode, _tuple_bytes(A, amode), ax.element_size(),
+                           len(A) == 11, bmode, _tuple_bytes(B, bmode), len(B) == 11, a_t,
+                           epilogue, False, sums, a_copy is not None, dot_dtype, ieee, False,
+                           shared_memory_limit(scatter[3]), compute_capability(scatter[3]))
     if epilogue == STORE:
         e = ()
-    else:
-        ep = (e1,) if epilogue != GATE_RESIDUAL else (e1, e2, v_out)
-        if any(x.stride(1) != 1 for x in ep):  # unit columns assumed
+    elif epilogue == SILU_GRAD:
+        if e1.stride(1) != 1:
+            raise ValueError("fused_matmul: e1 needs unit column stride")
+        e = (e1, e1.stride(0))
+    elif epilogue == GATE_RESIDUAL:
+        if e1.stride(1) != 1 or e2.stride(1) != 1 or v_out.stride(1) != 1:
             raise ValueError("fused_matmul: e1, e2 and v_out need unit column stride")
-        if epilogue == GATE_RESIDUAL:
-            e = (e1, e1.stride(0), e2, e2.stride(0), v_out, v_out.stride(0))
-        elif epilogue == SILU_GRAD:
-            e = (e1, e1.stride(0))
-        else:
-            e = (e1, e1.stride(0), *scatter)
+        e = (e1, e1.stride(0), e2, e2.stride(0), v_out, v_out.stride(0))
+    else:
+        if e1.stride(1) != 1:
+            raise ValueError("fused_matmul: e1 needs unit column stride")
+        e = (e1, e1.stride(0), *scatter)
     if sums or a_copy is not None:
         if a_copy is not None and (a_t or a_copy.shape != (M, K) or a_copy.stride(1) != 1):
             raise ValueError("fused_matmul: a_copy must be an (M, K) tensor with unit column "
@@ -396,9 +415,17 @@ def fused_matmul(a: Operand, b: Operand, out: Optional[torch.Tensor], a_t: bool 
         p = (pt, pt.stride(0), max(a_sum, 0), max(c_sum, 0), max(c_sum2, 0), ac, ac.stride(0))
     else:
         p = ()
-    _matmul_kernel.run(operand_args(a), operand_args(b), c, e, p, (M, N, K), grid=grid,
-                       warmup=False, **kw)
+    _matmul_kernel.run(A, B, c, e, p, (M, N, K), grid=grid, warmup=False, **kw)
     return out
+
+
+def _tuple_bytes(t: tuple, mode: int) -> int:
+    """:func:`_operand_bytes` of an operand tuple (x; the factor / scale; the shift)."""
+    if mode == PLAIN or mode == SILU:
+        return t[0].element_size()
+    if mode == LNMOD:
+        return t[0].element_size() + t[3].element_size() + t[6].element_size()
+    return t[0].element_size() + t[3].element_size()
 
 
 # Split-K: an output of fewer tiles than one wave on a 132-SM H100 splits its reduction in up
@@ -416,7 +443,8 @@ def split_k(tiles: int, K: int, block_k: int) -> int:
 
 @functools.lru_cache(maxsize=4096)
 def _launch(M, N, K, a_mode, a_bytes, a_x_bytes, a_affine, b_mode, b_bytes, b_affine, a_t,
-            epilogue, has_bias, sums, a_copy, dot_dtype, ieee, accumulate, smem_limit):
+            epilogue, has_bias, sums, a_copy, dot_dtype, ieee, accumulate, smem_limit,
+            arch=90):
     """Grid and launch keywords (every constexpr: tiles, stages, modes, dot dtype, split-K) of
     one GEMM, computed once per (problem, operands, epilogue, device limit): a launch then
     costs one cache lookup. ``accumulate``: the output is a zeroed fp32 buffer, so split-K may
@@ -424,7 +452,7 @@ def _launch(M, N, K, a_mode, a_bytes, a_x_bytes, a_affine, b_mode, b_bytes, b_af
     transformed = a_mode != PLAIN or b_mode != PLAIN or a_t
     heavy = epilogue >= SILU_GRAD or (a_mode in (MUL, NOISE) and a_x_bytes == 4)
     cfg = _launch_config(M, N, K, a_bytes, b_bytes, _DOT_BYTES[dot_dtype], transformed,
-                         smem_limit, heavy, a_t)
+                         smem_limit, heavy, a_t, arch)
     tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
     splittable = accumulate and epilogue == STORE and not has_bias and not sums
     split = split_k(tiles, K, cfg["BLOCK_K"]) if splittable else 1
@@ -434,7 +462,10 @@ def _launch(M, N, K, a_mode, a_bytes, a_x_bytes, a_affine, b_mode, b_bytes, b_af
                 continue
             tiles = cdiv(M, bm) * cdiv(N, bn)
             split = split_k(tiles, K, cfg["BLOCK_K"]) if splittable else 1
-            cfg = dict(cfg, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+            # 64 columns keep the warps chosen (4 warps spill an fp32-operand 64 x 64 tile
+            # on sm_100); narrower tiles take 4
+            cfg = dict(cfg, BLOCK_M=bm, BLOCK_N=bn,
+                       num_warps=cfg["num_warps"] if bn >= 64 else 4)
             if tiles * split >= WAVE_SMS:
                 break
     kw = dict(cfg, A_MODE=a_mode, A_T=a_t, A_AFFINE=a_affine, B_MODE=b_mode,
