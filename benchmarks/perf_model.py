@@ -160,6 +160,23 @@ def predict(kernels: List[Dict], peaks: Dict, dtype: str) -> List[Dict]:
     return out
 
 
+def with_grids(rows: List[Dict], grids: List, sms: int = 132) -> Optional[List[Dict]]:
+    """``rows`` (from :func:`predict`, launch order) with each kernel's CTAs and ``grid_ms``: a
+    grid of fewer CTAs than the GPU has SMs can use only that share of the SMs' tensor cores
+    and load bandwidth, so its time is ``pred_ms * sms / ctas``; a grid of a wave or more keeps
+    ``pred_ms`` (the tail of a partial last wave is not modelled). ``grids``: (kernel, CTAs)
+    of every launch in order, as ``gendd_fast.launch_check.record_step`` records them (the
+    once-per-device timestep features left out). None when the two lists do not align."""
+    grids = [g for g in grids if g[0] != "_timestep_features_kernel"]
+
+    def kind(name):  # older trees named their GEMM kernels two ways
+        return "gemm" if "matmul" in name else name
+    if [kind(r["kernel"]) for r in rows] != [kind(g[0]) for g in grids]:
+        return None
+    return [dict(r, ctas=c, grid_ms=r["pred_ms"] * max(1.0, sms / max(c, 1)))
+            for r, (_, c) in zip(rows, grids)]
+
+
 def by_kernel(rows: List[Dict]) -> "OrderedDict[str, Dict]":
     """Predictions summed per kernel name (what a profiler's per-name totals compare with)."""
     agg: "OrderedDict[str, Dict]" = OrderedDict()

@@ -14,7 +14,8 @@ Per step it reports
   replaced by the work of Triton's cache-hit path (argument binding, specialisation key,
   kernel-cache lookup; not the C launcher, which no CPU can run) and the torch ops running on
   CPU at that tiny shape, so both sides pay dispatch rather than arithmetic;
-- bytes: the Triton kernels' bytes from the roofline model (benchmarks/perf_model.py) plus the
+- bytes: the Triton kernels' bytes from the roofline model (each tree's own
+  benchmarks/perf_model.py: a baseline is modelled by the model of its commit) plus the
   bytes every counted torch op reads and writes (tensor inputs + outputs, measured);
 - executed FLOPs: 2 M N K of every GEMM actually launched (Triton and torch), against the
   reference formulation's count (bench_head.reference_flops_per_row).
@@ -252,6 +253,18 @@ def host_us(fns, clear, repeats):
     return out
 
 
+def record_grids(n, W, depth, d):
+    """(kernel, CTAs) of every launch of one step as an H100 (sm_90, bf16) would run it, from
+    the tree's own launch recorder; None where the tree has none that fits this call."""
+    import torch
+    try:
+        from gendd_fast import launch_check
+        recs = launch_check.record_step(90, torch.bfloat16, n, W, depth, d, z=CIFAR["z"])
+    except Exception:  # noqa: BLE001 - an older tree: no grid-aware prediction for it
+        return None
+    return [[r.kernel, r.ctas] for r in recs]
+
+
 def worker(args):
     """Measure the tree on sys.path (this one or a baseline) and print one JSON line."""
     import torch
@@ -268,6 +281,7 @@ def worker(args):
                         torch_ops=dict(s["torch"]), triton_kernels=dict(s["triton"]),
                         glue_bytes=s["torch_bytes"], executed_flops=s["triton_flops"]
                         + s["torch_flops"])
+    out["fused"]["grids"] = record_grids(n, W, depth, d)
     if args.reference:
         small = dict(CIFAR, mul=1, images=4)
         ref_step, _, clear_r, n_small = make_inputs(small, W, depth, d)
@@ -307,18 +321,28 @@ def checkout(rev, dest):
             shutil.copy(os.path.join(ROOT, "gendd_fast", f), os.path.join(dest, "gendd_fast"))
 
 
-def model_bytes(n, W, depth, d, version="current"):
-    sys.path.insert(0, HERE)
-    from perf_model import step_kernels
-    return sum(k["bytes"] for k in step_kernels(n, W, depth, d, "bf16", version=version))
+def load_model(tree):
+    """The roofline model (benchmarks/perf_model.py) of ``tree``: each tree's model describes
+    its own kernels, so a baseline's bytes come from the baseline's model."""
+    import runpy
+    return runpy.run_path(os.path.join(tree, "benchmarks", "perf_model.py"), run_name="model")
 
 
-def predicted_ms(n, W, depth, d, glue_bytes, version="current", gpu="H100"):
-    from perf_model import peaks_for, predict, step_kernels
-    peaks = peaks_for(gpu)
-    kern = sum(k["pred_ms"] for k in predict(step_kernels(n, W, depth, d, "bf16",
-                                                          version=version), peaks, "bf16"))
-    return kern + glue_bytes / peaks["bw"] * 1e3
+def model_bytes(model, n, W, depth, d):
+    return sum(k["bytes"] for k in model["step_kernels"](n, W, depth, d, "bf16"))
+
+
+def predicted_ms(model, n, W, depth, d, glue_bytes, grids=None, gpu="H100"):
+    """(roofline ms, grid-aware ms or None) of the step on ``gpu``, glue bytes included: the
+    grid-aware figure charges a grid under one wave of 132 SMs for the SMs it leaves idle
+    (this tree's perf_model.with_grids, applied to the tree's own kernel list)."""
+    from perf_model import with_grids
+    peaks = model["peaks_for"](gpu)
+    rows = model["predict"](model["step_kernels"](n, W, depth, d, "bf16"), peaks, "bf16")
+    glue = glue_bytes / peaks["bw"] * 1e3
+    fill = with_grids(rows, grids) if grids else None
+    return (sum(k["pred_ms"] for k in rows) + glue,
+            sum(k["grid_ms"] for k in fill) + glue if fill else None)
 
 
 def main(argv=None):
@@ -342,27 +366,29 @@ def main(argv=None):
 
     cur = run_worker(ROOT, True, args)
     variants = [("reference (eager)", cur["reference"], None),
-                ("fused (this tree)", cur["fused"], "current")]
+                ("fused (this tree)", cur["fused"], load_model(ROOT))]
     if args.baseline:
         with tempfile.TemporaryDirectory() as tmp:
             checkout(args.baseline, tmp)
             base = run_worker(tmp, False, args)
-        variants.insert(1, (f"fused ({args.baseline})", base["fused"], "v0"))
+            base_model = load_model(tmp)
+        variants.insert(1, (f"fused ({args.baseline})", base["fused"], base_model))
     W, depth, d = args.width, args.depth, 64
     n = CIFAR["images"] * CIFAR["tokens"] * CIFAR["mul"]
     ref_flops = reference_flops_per_row(W, depth, d, CIFAR["z"]) * n
     rows = []
-    for name, m, version in variants:
+    for name, m, model in variants:
         row = dict(variant=name, launches=m["triton"] + m["torch"], triton=m["triton"],
                    torch_ops=m["torch"], host_us=m["host_us"],
                    host_us_median=m["host_us_median"], python_calls=m["python_calls"])
-        if version is not None:
-            kb = model_bytes(n, W, depth, d, version)
+        if model is not None:
+            kb = model_bytes(model, n, W, depth, d)
+            pred = predicted_ms(model, n, W, depth, d, m["glue_bytes"], m.get("grids"))
             row.update(kernel_mb=kb / 1e6, glue_mb=m["glue_bytes"] / 1e6,
                        bytes_mb=(kb + m["glue_bytes"]) / 1e6,
                        executed_gflop=m["executed_flops"] / 1e9,
                        reference_gflop=ref_flops / 1e9,
-                       h100_pred_ms=predicted_ms(n, W, depth, d, m["glue_bytes"], version),
+                       h100_pred_ms=pred[0], h100_grid_ms=pred[1],
                        torch_op_counts=m["torch_ops"], triton_kernel_counts=m["triton_kernels"])
         else:
             row.update(reference_gflop=ref_flops / 1e9, torch_op_counts=m["torch_ops"])
@@ -370,7 +396,7 @@ def main(argv=None):
     ratio = cur["fused"]["host_us"] / cur["reference"]["host_us"]
     print_table(rows, ["variant", "launches", "triton", "torch_ops", "host_us", "python_calls",
                        "bytes_mb", "glue_mb", "executed_gflop", "reference_gflop",
-                       "h100_pred_ms"],
+                       "h100_pred_ms", "h100_grid_ms"],
                 f"one head forward+backward, CIFAR shape ({n} rows, width {W}, depth {depth}, "
                 f"bf16); host time at a tiny shape ({TINY}, width {args.tiny_width})")
     print(f"host cost fused / eager reference (one process): {ratio:.3f}")
