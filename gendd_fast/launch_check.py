@@ -184,6 +184,7 @@ def record_step(arch: int, dtype: torch.dtype, rows, width: int = WIDTH, depth: 
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.device(device):
         head = FusedDiffLoss(token_dim, z, depth, width, "64", 1)
+    head.distinct_steps_on_cpu = False  # the CUDA path: the time MLP over all 1000 timesteps
     # 64 images (the condition table: a torch GEMM per image, not per row), token 0; a fifth
     # of the rows dropped (cond_embed's bias alone)
     images = min(rows, 64)
@@ -399,15 +400,29 @@ def fused_launch_problem(device, dtype: torch.dtype, shapes: Dict) -> Optional[s
     return launch_problem(10 * major + minor, shared_memory_limit(device), dtype, shapes, device)
 
 
-def representative_rows(rows, width: int, token_dim: int):
+def representative_rows(rows, width: int, token_dim: int, depth: int = DEPTH):
     """The smallest row count of each class the launch configurations tell apart: whether the
     reduction over rows is long against each output dimension (weight-gradient tiles), how many
-    BLOCK_K steps a short one takes, and the 16-divisibility Triton specialises on. Recording
-    these instead of every count keeps the check's memory that of the smallest step."""
+    BLOCK_K steps a short one takes, the 16-divisibility Triton specialises on, and what
+    ``matmul._launch`` derives from the grid: whether a GEMM over the rows fills a wave of
+    ``WAVE_SMS`` with each tile it may take (the small-grid tiles) and the split-K factor a
+    reduction over the rows allows. Recording these instead of every count keeps the check's
+    memory that of the smallest step of each class."""
+    from .kernels.matmul import SPLIT_MIN_K_STEPS, WAVE_SMS
+    widths = (2 * token_dim, width, 3 * width * depth + 2 * width)  # final, blocks, modulation
+    # no weight-gradient grid is smaller than its output in 128 x 128 tiles
+    split_cap = cdiv(WAVE_SMS, cdiv(token_dim, 128) * cdiv(width, 128))
     reps = {}
     for r in sorted({int(x) for x in rows}):
         sig = (tuple(r > 4 * m for m in (token_dim, 2 * token_dim, width, 2 * width, 3 * width))
-               + (min(r // 32, 8), r % 16 == 0))
+               + (min(r // 32, 8), r % 16 == 0, r == 1)
+               # a GEMM over the rows takes the weight-gradient tiles when its output is small
+               # and its reduction (the modulation width, for the scatter GEMM) long
+               + tuple(r * n <= 2048 * 2048 for n in widths)
+               + tuple(4 * r < k for k in (2 * token_dim, width, widths[2]))
+               + tuple(cdiv(r, bm) * cdiv(n, bn) >= WAVE_SMS for bm in (64, 128)
+                       for bn in (16, 32, 64, 128) for n in widths)
+               + tuple(min(cdiv(r, bk) // SPLIT_MIN_K_STEPS, split_cap) for bk in (16, 32, 64)))
         reps.setdefault(sig, r)
     return sorted(reps.values())
 
@@ -419,7 +434,8 @@ def launch_problem(arch: int, limit: int, dtype: torch.dtype, shapes: Dict,
     ``triton.jit``, not the interpreter)."""
     records = {}
     try:
-        for rows in representative_rows(shapes["rows"], shapes["width"], shapes["token_dim"]):
+        for rows in representative_rows(shapes["rows"], shapes["width"], shapes["token_dim"],
+                                        shapes["depth"]):
             for rec in record_step(arch, dtype, int(rows), shapes["width"],
                                                 shapes["depth"], shapes["token_dim"],
                                                 device=device, limit=limit):

@@ -274,7 +274,7 @@ def _launch_config(M: int, N: int, K: int, a_bytes: int = 4, b_bytes: int = 4,
         kind, tiles = "wide", _WIDE_TILES
     if dot_bytes == 4:  # a transposed fp32 A tile costs registers too: the small tiles
         tiles = _FP32_TILES["wgrad" if a_t else kind]
-    elif heavy and 100 <= arch < 120:  # the data-centre Blackwells (sm_100, sm_103)
+    elif heavy and arch in (100, 103):  # the data-centre Blackwells
         tiles = [(bm, bn, bk, 4) for bm, bn, bk, _ in tiles]
     # a short reduction (K = 128: the final layer's dx) takes a BLOCK_K that leaves it 4 steps
     # where a candidate has one: a one-step loop cannot overlap its loads with the MMA, and the
@@ -370,13 +370,15 @@ def fused_matmul(a: Operand, b: Operand, out: Optional[torch.Tensor], a_t: bool 
         a, b = _narrow(a, dot_dtype), _narrow(b, dot_dtype)
     amode, bmode = a.mode, b.mode
     if (a_t and amode == PLAIN and bmode != PLAIN and out is not None and bias is None
-            and epilogue == STORE and part is None):
+            and epilogue == STORE and part is None and a_copy is None):
         # a weight gradient whose B has a prologue: as C^T = opB^T @ A the transformed
         # operand is the one fed from registers and the plain one streams through shared
         # memory, so on sm_90 each wgmma overlaps the next K step's (pendings = 1, not 0)
         return fused_matmul(b, Operand(a.x), out.t(), a_t=True, dot_dtype=dot_dtype, ieee=ieee,
                             narrow=False, accumulate=accumulate)
     A, B = operand_args(a), operand_args(b)
+    if c_sum2 >= 0 > c_sum:  # the kernel stores the second copy only beside the first
+        raise ValueError("fused_matmul: c_sum2 needs c_sum")
     sums = (a_sum >= 0) + 2 * (c_sum >= 0) + 4 * (c_sum2 >= 0)
     if out is not None:
         sc = out.stride()
@@ -387,6 +389,8 @@ def fused_matmul(a: Operand, b: Operand, out: Optional[torch.Tensor], a_t: bool 
                            ieee, accumulate and out.dtype == torch.float32,
                            shared_memory_limit(out), compute_capability(out))
     else:
+        if bias is not None:
+            raise ValueError("fused_matmul: the SCATTER epilogue (no out) takes no bias")
         c = ()
         grid, kw = _launch(M, N, K, amode, _tuple_bytes(A, amode), ax.element_size(),
                            len(A) == 11, bmode, _tuple_bytes(B, bmode), len(B) == 11, a_t,

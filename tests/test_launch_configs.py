@@ -241,3 +241,34 @@ def test_sm90_weight_gradients_pipeline_their_wgmma_and_fill_a_wave():
         assert r["ctas"] >= 132, r
     singles = {r["call"].split(" ")[0] for r in rows if r["k_steps"] == 1}
     assert all(c.endswith("x64") for c in singles), singles  # K = the 64 images only
+
+
+_REPS_CODE = r"""
+import json, torch
+from gendd_fast import launch_check as lc
+rows = [272, 400, 528, 1040, 1600, 2048, 2064, 2176, 2816, 2880, 4000, 4096, 4160]
+reps = lc.representative_rows(rows, 1024, 64, 3)
+def keys(rs):
+    out = {}
+    for r in rs:
+        for rec in lc.record_step(90, torch.bfloat16, r):
+            out.setdefault(rec.key(90), f"{r} rows: {rec.call}")
+    return out
+every, chosen = keys(rows), keys(reps)
+print(json.dumps(dict(reps=reps, missing=[every[k] for k in set(every) - set(chosen)])))
+"""
+
+
+def test_the_pre_flight_rows_launch_every_specialisation_of_every_row_count():
+    """The trainer's launch pre-flight records one step per class of row counts
+    (``representative_rows``), not per count. Every specialisation that any of these row
+    counts launches (sm_90, bf16) must be launched by a representative, or a kernel would first
+    compile mid-training unchecked. The classes must see what ``matmul._launch`` derives from
+    the grid: the small-grid tiles (528 and 2,064 rows take 64 x 64 and 128 x 128 fc1 tiles),
+    the split-K factor (272 / 400 / 1,600 rows) and the scatter GEMM's weight-gradient tiles
+    below 2,816 rows. Planted: the grid facts left out of the class -> the final layer's dW
+    at 1,040 and 1,600 rows (among others) missing."""
+    proc = run_compiler_side(["-c", _REPS_CODE])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["missing"] == [], got
