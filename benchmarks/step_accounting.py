@@ -139,7 +139,7 @@ def launches_replaced(stats, run_kernels=False):
         if callable(grid):
             grid = grid(bound)
         stats["triton"][self.__name__] += 1
-        if "A_MODE" in bound:  # a GEMM: (M, N, K) bound as dims, or by name (older trees)
+        if "dims" in bound or "A_MODE" in bound:  # a GEMM: (M, N, K) as dims, or by name
             M, N, K = bound["dims"] if "dims" in bound else (bound["M"], bound["N"], bound["K"])
             stats["triton_flops"] += 2 * M * N * K
         if run_kernels:

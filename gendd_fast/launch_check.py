@@ -35,6 +35,7 @@ import torch
 
 from .fused_head import FusedDiffLoss, fused_unavailable_reason
 from .kernels.limits import SHARED_MEMORY_OPTIN, SUPPORTED_ARCHS, simulate_arch
+from .kernels.matmul import cfg_values
 from .kernels.utils import cdiv, interpreting, triton
 
 # Training shapes (head width 1024, depth 3, 64-dim tokens): images x tokens x copies rows, and
@@ -72,7 +73,15 @@ class Launch:
         """The kernel's own constexpr parameters (a key of one index; longer keys are
         elements of a tuple argument that Triton specialised, e.g. a unit stride)."""
         names = self.fn.arg_names
-        return {names[k[0]]: v for k, v in self.constexprs.items() if len(k) == 1}
+        out = {}
+        for k, v in self.constexprs.items():
+            if len(k) != 1:
+                continue
+            if names[k[0]] == "CFG" and self.kernel in GEMM_KERNELS:  # the GEMM's one tuple
+                out.update(cfg_values(v))
+            else:
+                out[names[k[0]]] = v
+        return out
 
     def pointer_dtypes(self) -> Dict[str, str]:
         """Every pointer argument's type, tuple elements named ``A[0]``."""
@@ -157,11 +166,12 @@ _EPIS = {0: "store", 1: "gate_residual", 2: "silu_grad", 3: "scatter"}
 
 def _describe_call(bound) -> str:
     """A readable name for one launch: the GEMM problem and its prologues / epilogue."""
-    if "dims" in bound and "A_MODE" in bound:
-        a = _MODES[bound["A_MODE"]] + ("^T" if bound["A_T"] else "")
+    if "dims" in bound and "CFG" in bound:
+        cfg = cfg_values(bound["CFG"])
+        a = _MODES[cfg["A_MODE"]] + ("^T" if cfg["A_T"] else "")
         M, N, K = bound["dims"]
         return (f"{M}x{N}x{K} A={a}:{bound['A'][0].dtype} "
-                f"B={_MODES[bound['B_MODE']]}:{bound['B'][0].dtype} epi={_EPIS[bound['EPI']]}")
+                f"B={_MODES[cfg['B_MODE']]}:{bound['B'][0].dtype} epi={_EPIS[cfg['EPI']]}")
     n = bound.get("n_rows", bound.get("n"))
     return f"rows={n}"
 

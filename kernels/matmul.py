@@ -50,6 +50,12 @@ from .utils import cdiv, interpreting, tl, triton
 
 PLAIN, SILU, LNMOD, MUL, NOISE = 0, 1, 2, 3, 4
 STORE, GATE_RESIDUAL, SILU_GRAD, SCATTER = 0, 1, 2, 3
+# The GEMM's compile-time choices travel as ONE constexpr tuple, in this order: Triton binds,
+# specialises and hashes every kernel parameter on the host at each launch, and 16 separate
+# constexprs cost about 5 us a launch more than one.
+CFG_FIELDS = ("A_MODE", "A_T", "A_AFFINE", "B_MODE", "B_AFFINE", "EPI", "HAS_BIAS", "SUMS",
+              "A_COPY", "DOT_DTYPE", "IEEE", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M",
+              "SPLIT_K")
 
 
 @dataclass
@@ -119,20 +125,31 @@ if triton is not None:
         return x
 
     @triton.jit
-    def _matmul_kernel(A, B, C, E, P, dims,
-                       A_MODE: tl.constexpr, A_T: tl.constexpr, A_AFFINE: tl.constexpr,
-                       B_MODE: tl.constexpr, B_AFFINE: tl.constexpr, EPI: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, SUMS: tl.constexpr, A_COPY: tl.constexpr,
-                       DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr):
+    def _matmul_kernel(A, B, C, E, P, dims, CFG: tl.constexpr):
         """``A``, ``B``: operand tuples; ``C``: (c, sc0, sc1[, bias]); ``E``: the epilogue's
         tensors (GATE_RESIDUAL: (r, sr0, gate, sg0, v, sv0); SILU_GRAD: (p, sp0); SCATTER:
         (p, sp0, i0, i1, i2, t0, t1, t2)); ``P``: (part, sp0, oa, oc, oc2, acopy, sac0) for
         the column sums (``SUMS`` bits: 1 A, 2 C, 4 C again) and the copy of opA in the dot
-        dtype (``A_COPY``); ``dims``: (M, N, K). Tuples keep the launch's argument binding
-        short: it runs on the host for every launch. ``SPLIT_K`` > 1: the grid's second axis
-        splits the reduction and each program adds its partial tile into C atomically."""
+        dtype (``A_COPY``); ``dims``: (M, N, K). ``CFG``: every compile-time choice, in
+        :data:`CFG_FIELDS` order. Tuples keep the launch's argument binding short: it runs on
+        the host for every launch. ``SPLIT_K`` > 1: the grid's second axis splits the
+        reduction and each program adds its partial tile into C atomically."""
+        A_MODE: tl.constexpr = CFG[0]
+        A_T: tl.constexpr = CFG[1]
+        A_AFFINE: tl.constexpr = CFG[2]
+        B_MODE: tl.constexpr = CFG[3]
+        B_AFFINE: tl.constexpr = CFG[4]
+        EPI: tl.constexpr = CFG[5]
+        HAS_BIAS: tl.constexpr = CFG[6]
+        SUMS: tl.constexpr = CFG[7]
+        A_COPY: tl.constexpr = CFG[8]
+        DOT_DTYPE: tl.constexpr = CFG[9]
+        IEEE: tl.constexpr = CFG[10]
+        BLOCK_M: tl.constexpr = CFG[11]
+        BLOCK_N: tl.constexpr = CFG[12]
+        BLOCK_K: tl.constexpr = CFG[13]
+        GROUP_M: tl.constexpr = CFG[14]
+        SPLIT_K: tl.constexpr = CFG[15]
         M, N, K = dims[0], dims[1], dims[2]
         # grouped ordering of the output tiles: neighbouring programs share A rows in cache
         pid = tl.program_id(0)
@@ -472,11 +489,19 @@ def _launch(M, N, K, a_mode, a_bytes, a_x_bytes, a_affine, b_mode, b_bytes, b_af
                        num_warps=cfg["num_warps"] if bn >= 64 else 4)
             if tiles * split >= WAVE_SMS:
                 break
-    kw = dict(cfg, A_MODE=a_mode, A_T=a_t, A_AFFINE=a_affine, B_MODE=b_mode,
-              B_AFFINE=b_affine, EPI=epilogue, HAS_BIAS=has_bias, SUMS=sums, A_COPY=a_copy,
-              DOT_DTYPE=_TL_DTYPE[dot_dtype], IEEE=ieee and dot_dtype == torch.float32,
-              SPLIT_K=split)
+    values = dict(A_MODE=a_mode, A_T=a_t, A_AFFINE=a_affine, B_MODE=b_mode, B_AFFINE=b_affine,
+                  EPI=epilogue, HAS_BIAS=has_bias, SUMS=sums, A_COPY=a_copy,
+                  DOT_DTYPE=_TL_DTYPE[dot_dtype], IEEE=ieee and dot_dtype == torch.float32,
+                  BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                  GROUP_M=cfg["GROUP_M"], SPLIT_K=split)
+    kw = dict(CFG=tuple(values[f] for f in CFG_FIELDS), num_warps=cfg["num_warps"],
+              num_stages=cfg["num_stages"])
     return (tiles, split), kw
+
+
+def cfg_values(cfg: tuple) -> dict:
+    """The GEMM kernel's ``CFG`` constexpr by name."""
+    return dict(zip(CFG_FIELDS, cfg))
 
 
 def weight_t(w: torch.Tensor) -> Operand:

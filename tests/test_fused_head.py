@@ -235,7 +235,8 @@ def test_split_k_weight_gradient_adds_every_part_once(dot):
     the split. Planted: storing the partial tile instead of adding it (max error 108), and
     ``k_per = K // SPLIT_K`` (parts not whole K blocks: rows summed twice or skipped, max
     error 20), both failed here."""
-    from gendd_fast.kernels.matmul import PLAIN, STORE, Operand, _launch, fused_matmul, split_k
+    from gendd_fast.kernels.matmul import (PLAIN, STORE, Operand, _launch, cfg_values, fused_matmul,
+                                          split_k)
     g = torch.Generator().manual_seed(0)
     K, M, N = 1000, 40, 64  # rows (the reduction), then the weight's two sides
     x = torch.randn(K, M, generator=g).to(dot)
@@ -245,9 +246,10 @@ def test_split_k_weight_gradient_adds_every_part_once(dot):
     grid, kw = _launch(M, N, K, PLAIN, x.element_size(), x.element_size(), False, PLAIN,
                        y.element_size(), False, True, STORE, False, 0, False, dot, True, True,
                        232448)
-    split = kw["SPLIT_K"]
+    cfg = cfg_values(kw["CFG"])
+    split = cfg["SPLIT_K"]
     assert split > 1 and grid == (grid[0], split), (grid, split)
-    assert split == split_k(grid[0], K, kw["BLOCK_K"])
+    assert split == split_k(grid[0], K, cfg["BLOCK_K"])
     want = x.float().t() @ y.float()
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-3)
     # without ``accumulate`` the same GEMM runs unsplit and stores (the output need not be zero)
