@@ -41,7 +41,8 @@ def peaks_for(name: str) -> Optional[Dict]:
 
 
 def _gemm(op, m, n, k, a_bytes, b_bytes, c_bytes, extra_bytes=0):
-    return dict(kernel="_matmul_kernel", op=f"{op} {m}x{n}x{k}", flops=2 * m * n * k,
+    return dict(kernel="_matmul_kernel", op=f"{op} {m}x{n}x{k}", dims=(m, n, k),
+                flops=2 * m * n * k,
                 bytes=m * k * a_bytes + k * n * b_bytes + m * n * c_bytes + extra_bytes)
 
 
@@ -164,17 +165,27 @@ def with_grids(rows: List[Dict], grids: List, sms: int = 132) -> Optional[List[D
     """``rows`` (from :func:`predict`, launch order) with each kernel's CTAs and ``grid_ms``: a
     grid of fewer CTAs than the GPU has SMs can use only that share of the SMs' tensor cores
     and load bandwidth, so its time is ``pred_ms * sms / ctas``; a grid of a wave or more keeps
-    ``pred_ms`` (the tail of a partial last wave is not modelled). ``grids``: (kernel, CTAs)
-    of every launch in order, as ``gendd_fast.launch_check.record_step`` records them (the
-    once-per-device timestep features left out). None when the two lists do not align."""
+    ``pred_ms`` (the tail of a partial last wave is not modelled). ``grids``: (kernel, CTAs[,
+    GEMM (M, N, K)]) of every launch in order, as ``gendd_fast.launch_check.record_step``
+    records them (the once-per-device timestep features left out). None when the two lists
+    do not align: kernel by kernel, and GEMM by GEMM where the dims were recorded (M and N
+    in either order: a weight gradient may run as its transpose)."""
     grids = [g for g in grids if g[0] != "_timestep_features_kernel"]
 
     def kind(name):  # older trees named their GEMM kernels two ways
         return "gemm" if "matmul" in name else name
-    if [kind(r["kernel"]) for r in rows] != [kind(g[0]) for g in grids]:
+
+    def same(r, g):
+        if kind(r["kernel"]) != kind(g[0]):
+            return False
+        if len(g) > 2 and g[2] and "dims" in r:
+            (m, n, k), (gm, gn, gk) = r["dims"], g[2]
+            return k == gk and sorted((m, n)) == sorted((gm, gn))
+        return True
+    if len(rows) != len(grids) or not all(same(r, g) for r, g in zip(rows, grids)):
         return None
-    return [dict(r, ctas=c, grid_ms=r["pred_ms"] * max(1.0, sms / max(c, 1)))
-            for r, (_, c) in zip(rows, grids)]
+    return [dict(r, ctas=g[1], grid_ms=r["pred_ms"] * max(1.0, sms / max(g[1], 1)))
+            for r, g in zip(rows, grids)]
 
 
 def by_kernel(rows: List[Dict]) -> "OrderedDict[str, Dict]":
@@ -201,6 +212,10 @@ def main(argv=None):
     ap.add_argument("--gpu", default="H100")
     ap.add_argument("--dtype", default="bf16", choices=sorted(BYTES))
     ap.add_argument("--rows", default="7680,5120,20480")
+    ap.add_argument("--grids", action="store_true",
+                    help="also record each launch's grid as sm_90 would run it (real Triton, "
+                         "no GPU: gendd_fast.launch_check) and print CTAs and the grid-aware "
+                         "time (a grid under one wave of 132 SMs pays for its idle SMs)")
     args = ap.parse_args(argv)
     peaks = peaks_for(args.gpu)
     if peaks is None:
@@ -208,12 +223,29 @@ def main(argv=None):
     out = []
     for n in (int(r) for r in args.rows.split(",")):
         rows = predict(step_kernels(n, dtype=args.dtype), peaks, args.dtype)
-        print_table(rows, ["op", "flops", "bytes", "bound", "pred_ms"],
+        cols = ["op", "flops", "bytes", "bound", "pred_ms"]
+        if args.grids:
+            filled = with_grids(rows, record_grids(n, args.dtype))
+            if filled is None:
+                raise SystemExit("the recorded launches do not match the model's kernel list")
+            rows, cols = filled, cols + ["ctas", "grid_ms"]
+        print_table(rows, cols,
                     f"{n} rows, {args.dtype} on {peaks['name']} (predicted minimum per kernel)")
         total = sum(r["pred_ms"] for r in rows)
-        print(f"step total: {total:.3f} ms predicted minimum")
+        print(f"step total: {total:.3f} ms predicted minimum" +
+              (f", {sum(r['grid_ms'] for r in rows):.3f} ms grid-aware" if args.grids else ""))
         out.append(dict(rows=n, total_pred_ms=total, kernels=rows))
     return out
+
+
+def record_grids(rows: int, dtype: str):
+    """(kernel, CTAs) of every launch of one step over ``rows`` rows as sm_90 runs it."""
+    import os
+    os.environ.pop("TRITON_INTERPRET", None)
+    import torch
+    from gendd_fast.launch_check import record_step
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    return [[r.kernel, r.ctas, list(r.dims)] for r in record_step(90, dt, rows)]
 
 
 if __name__ == "__main__":

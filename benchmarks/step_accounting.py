@@ -262,7 +262,7 @@ def record_grids(n, W, depth, d):
         recs = launch_check.record_step(90, torch.bfloat16, n, W, depth, d, z=CIFAR["z"])
     except Exception:  # noqa: BLE001 - an older tree: no grid-aware prediction for it
         return None
-    return [[r.kernel, r.ctas] for r in recs]
+    return [[r.kernel, r.ctas, list(getattr(r, "dims", ()))] for r in recs]
 
 
 def worker(args):

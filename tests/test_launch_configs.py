@@ -272,3 +272,28 @@ def test_the_pre_flight_rows_launch_every_specialisation_of_every_row_count():
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["missing"] == [], got
+
+
+_MODEL_CODE = r"""
+import json, runpy
+model = runpy.run_path("benchmarks/perf_model.py", run_name="model")
+out = {}
+for n in (7680, 5120, 20480):
+    rows = model["predict"](model["step_kernels"](n), model["peaks_for"]("H100"), "bf16")
+    filled = model["with_grids"](rows, model["record_grids"](n, "bf16"))
+    out[n] = None if filled is None else [r["ctas"] for r in filled]
+print(json.dumps(out))
+"""
+
+
+def test_the_performance_model_lists_the_launches_of_the_step_in_order():
+    """benchmarks/perf_model.py's kernel list is the step's launches, in launch order, at the
+    three training shapes (what the grid-aware prediction and bench_head's per-kernel
+    comparison rely on): ``with_grids`` aligns it with the recorded sm_90 launches. Planted:
+    the model's final dW listed before du (the order before a_copy) -> None."""
+    proc = run_compiler_side(["-c", _MODEL_CODE])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    for n, ctas in got.items():
+        assert ctas is not None, n
+        assert len(ctas) == 44 and min(ctas) >= 64, (n, ctas)  # 44 Triton launches
