@@ -82,7 +82,6 @@ def _mm_flops(name, args, out):
 def counting(stats, run_kernels=False):
     """Within the block every aten op that launches a device kernel and every Triton launch is
     counted into ``stats``; Triton kernels do the cache-hit work only (``run_kernels=False``)."""
-    import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
