@@ -239,7 +239,8 @@ def main(argv=None):
 
 
 def record_grids(rows: int, dtype: str):
-    """(kernel, CTAs) of every launch of one step over ``rows`` rows as sm_90 runs it."""
+    """(kernel, CTAs, GEMM dims) of every launch of one step over ``rows`` rows as sm_90
+    runs it."""
     import os
     os.environ.pop("TRITON_INTERPRET", None)
     import torch

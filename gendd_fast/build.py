@@ -29,7 +29,8 @@ def choose_head(cfg: Config, device: torch.device):
             resolve_amp(cfg.amp, device), torch.float32)
         rows = [cfg.batch_size * (cfg.mul or 1) * t for t in TOKENS_PER_IMAGE]
         why = fused_launch_problem(device, dtype, dict(
-            width=cfg.diffloss_w, depth=cfg.diffloss_d, token_dim=cfg.token_dim, rows=rows))
+            width=cfg.diffloss_w, depth=cfg.diffloss_d, token_dim=cfg.token_dim, rows=rows,
+            images=cfg.batch_size, z=[t * cfg.token_dim for t in TOKENS_PER_IMAGE]))
         if why and cfg.head == "fused":  # asked for explicitly: stop before step 1, say why
             raise ValueError(f"--head fused cannot run on {device}: {why}")
     if why:

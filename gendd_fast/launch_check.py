@@ -183,11 +183,12 @@ def shape_rows(shape: str) -> int:
 
 def record_step(arch: int, dtype: torch.dtype, rows, width: int = WIDTH, depth: int = DEPTH,
                 token_dim: int = TOKEN_DIM, z: int = 256, device="cpu",
-                limit: Optional[int] = None) -> List[Launch]:
+                limit: Optional[int] = None, images: Optional[int] = None) -> List[Launch]:
     """Every launch of one training step (forward + backward) of the fused head over ``rows``
-    rows (an int, or a name in :data:`SHAPES`), with ``dtype`` the compute dtype (bf16 / fp16
-    autocast over fp32 masters, or plain fp32). Only the row count, the head's width, depth and
-    token size reach the kernels (the condition width ``z`` goes through a torch GEMM)."""
+    rows (an int, or a name in :data:`SHAPES`) from ``images`` images (default 64), with
+    ``dtype`` the compute dtype (bf16 / fp16 autocast over fp32 masters, or plain fp32). The
+    row count, the head's width, depth and token size shape the per-row kernels; the condition
+    width ``z`` and the image count only ``cond_embed``'s three GEMMs (forward, dW, dz)."""
     if isinstance(rows, str):
         z, rows = SHAPES[rows]["z"], shape_rows(rows)
     device = torch.device(device)
@@ -195,9 +196,9 @@ def record_step(arch: int, dtype: torch.dtype, rows, width: int = WIDTH, depth: 
     with torch.device(device):
         head = FusedDiffLoss(token_dim, z, depth, width, "64", 1)
     head.distinct_steps_on_cpu = False  # the CUDA path: the time MLP over all 1000 timesteps
-    # 64 images (the condition table: a torch GEMM per image, not per row), token 0; a fifth
-    # of the rows dropped (cond_embed's bias alone)
-    images = min(rows, 64)
+    # the images (cond_embed runs once per image, not per row), token 0; a fifth of the rows
+    # dropped (cond_embed's bias alone)
+    images = min(rows, images or 64)
     x0 = torch.randn(rows, token_dim, device=device, generator=gen)
     z_img = torch.randn(images, z, device=device, generator=gen, requires_grad=True)
     t = torch.randint(0, 1000, (rows,), device=device, generator=gen)
@@ -397,7 +398,8 @@ def fused_launch_problem(device, dtype: torch.dtype, shapes: Dict) -> Optional[s
     """Why the fused head cannot run a training step on ``device`` (None when it can).
 
     ``shapes``: ``width``, ``depth``, ``token_dim`` of the head and ``rows``, the row counts a
-    step may have. Every kernel specialisation such a step launches is compiled for this GPU
+    step may have; optionally ``images`` (the batch, default 64) and ``z``, the condition width
+    or a list of the widths a run may have (default 256). Every kernel specialisation such a step launches is compiled for this GPU
     before training (through Triton's cache, so step 1 reuses the binaries) and its shared
     memory compared with the device's limit: a kernel that would stop training with
     ``OutOfResources`` is named here instead."""
@@ -411,30 +413,39 @@ def fused_launch_problem(device, dtype: torch.dtype, shapes: Dict) -> Optional[s
 
 
 def representative_rows(rows, width: int, token_dim: int, depth: int = DEPTH):
-    """The smallest row count of each class the launch configurations tell apart: whether the
+    """The smallest row count of each :func:`row_class`. Recording these instead of every count
+    keeps the check's memory that of the smallest step of each class."""
+    reps = {}
+    for r in sorted({int(x) for x in rows}):
+        reps.setdefault(row_class(r, width, token_dim, depth), r)
+    return sorted(reps.values())
+
+
+def row_class(r: int, width: int, token_dim: int, depth: int = DEPTH) -> tuple:
+    """What the launch configurations of a step over ``r`` rows depend on: whether the
     reduction over rows is long against each output dimension (weight-gradient tiles), how many
-    BLOCK_K steps a short one takes, the 16-divisibility Triton specialises on, and what
-    ``matmul._launch`` derives from the grid: whether a GEMM over the rows fills a wave of
-    ``WAVE_SMS`` with each tile it may take (the small-grid tiles) and the split-K factor a
-    reduction over the rows allows. Recording these instead of every count keeps the check's
-    memory that of the smallest step of each class."""
+    BLOCK_K steps a short one takes (stages, and the BLOCK_K that leaves 4), the
+    16-divisibility Triton specialises on, and what ``matmul._launch`` derives from the grid:
+    whether a GEMM over the rows fills a wave of ``WAVE_SMS`` with each tile it may take (the
+    small-grid tiles) and the split-K factor a reduction over the rows allows. Two row counts
+    of one class launch the same specialisations (a test checks this exhaustively)."""
     from .kernels.matmul import SPLIT_MIN_K_STEPS, WAVE_SMS
     widths = (2 * token_dim, width, 3 * width * depth + 2 * width)  # final, blocks, modulation
     # no weight-gradient grid is smaller than its output in 128 x 128 tiles
     split_cap = cdiv(WAVE_SMS, cdiv(token_dim, 128) * cdiv(width, 128))
-    reps = {}
-    for r in sorted({int(x) for x in rows}):
-        sig = (tuple(r > 4 * m for m in (token_dim, 2 * token_dim, width, 2 * width, 3 * width))
-               + (min(r // 32, 8), r % 16 == 0, r == 1)
-               # a GEMM over the rows takes the weight-gradient tiles when its output is small
-               # and its reduction (the modulation width, for the scatter GEMM) long
-               + tuple(r * n <= 2048 * 2048 for n in widths)
-               + tuple(4 * r < k for k in (2 * token_dim, width, widths[2]))
-               + tuple(cdiv(r, bm) * cdiv(n, bn) >= WAVE_SMS for bm in (64, 128)
-                       for bn in (16, 32, 64, 128) for n in widths)
-               + tuple(min(cdiv(r, bk) // SPLIT_MIN_K_STEPS, split_cap) for bk in (16, 32, 64)))
-        reps.setdefault(sig, r)
-    return sorted(reps.values())
+    return (tuple(r > 4 * m for m in (token_dim, 2 * token_dim, width, 2 * width, 3 * width,
+                                      widths[2]))
+            + (min(r // 32, 8), r % 16 == 0, r == 1)
+            # K blocks of a reduction over the rows: the pipeline depth (stages <= 4) and the
+            # BLOCK_K that leaves a short reduction 4 steps
+            + tuple(min(cdiv(r, bk), 6) for bk in (16, 32, 64))
+            # a GEMM over the rows takes the weight-gradient tiles when its output is small
+            # and its reduction (the modulation width, for the scatter GEMM) long
+            + tuple(r * n <= 2048 * 2048 for n in widths)
+            + tuple(4 * r < k for k in (2 * token_dim, width, widths[2]))
+            + tuple(cdiv(r, bm) * cdiv(n, bn) >= WAVE_SMS for bm in (64, 128)
+                    for bn in (16, 32, 64, 128) for n in widths)
+            + tuple(min(cdiv(r, bk) // SPLIT_MIN_K_STEPS, split_cap) for bk in (16, 32, 64)))
 
 
 def launch_problem(arch: int, limit: int, dtype: torch.dtype, shapes: Dict,
@@ -443,12 +454,19 @@ def launch_problem(arch: int, limit: int, dtype: torch.dtype, shapes: Dict,
     shared memory per block; the step is recorded with tensors on ``device`` (needs the real
     ``triton.jit``, not the interpreter)."""
     records = {}
+    reps = representative_rows(shapes["rows"], shapes["width"], shapes["token_dim"],
+                               shapes["depth"])
+    # the condition widths a run may have (the teacher's feature size, one per token count):
+    # they shape only cond_embed's GEMMs, which do not depend on the rows, so each extra width
+    # is recorded once, at the smallest row count
+    zs = shapes.get("z", 256)
+    zs = sorted({int(x) for x in (zs if isinstance(zs, (list, tuple)) else [zs])})
+    steps = [(r, zs[0]) for r in reps] + [(reps[0], z) for z in zs[1:]]
     try:
-        for rows in representative_rows(shapes["rows"], shapes["width"], shapes["token_dim"],
-                                        shapes["depth"]):
-            for rec in record_step(arch, dtype, int(rows), shapes["width"],
-                                                shapes["depth"], shapes["token_dim"],
-                                                device=device, limit=limit):
+        for rows, z in steps:
+            for rec in record_step(arch, dtype, int(rows), shapes["width"], shapes["depth"],
+                                   shapes["token_dim"], z=z, device=device, limit=limit,
+                                   images=shapes.get("images")):
                 records.setdefault(rec.key(arch), rec)
     except RuntimeError as e:  # no launch configuration fits this device at all
         return str(e)

@@ -246,32 +246,53 @@ def test_sm90_weight_gradients_pipeline_their_wgmma_and_fill_a_wave():
 _REPS_CODE = r"""
 import json, torch
 from gendd_fast import launch_check as lc
-rows = [272, 400, 528, 1040, 1600, 2048, 2064, 2176, 2816, 2880, 4000, 4096, 4160]
-reps = lc.representative_rows(rows, 1024, 64, 3)
-def keys(rs):
-    out = {}
-    for r in rs:
-        for rec in lc.record_step(90, torch.bfloat16, r):
-            out.setdefault(rec.key(90), f"{r} rows: {rec.call}")
-    return out
-every, chosen = keys(rows), keys(reps)
-print(json.dumps(dict(reps=reps, missing=[every[k] for k in set(every) - set(chosen)])))
+from gendd_fast.kernels import matmul as mm
+R0 = 1237  # a row count no other dimension of these heads equals
+out = []
+for arch, dname, (W, D, T) in [(90, "bf16", (1024, 3, 64)), (80, "fp32", (1024, 3, 64)),
+                               (90, "bf16", (256, 3, 64)), (86, "fp16", (384, 3, 16)),
+                               (100, "bf16", (512, 12, 128))]:
+    calls, real = [], mm._launch
+    mm._launch = lambda *a: calls.append(a) or real(*a)
+    try:
+        lc.record_step(arch, lc.DTYPES[dname], R0, W, D, T)
+    finally:
+        mm._launch = real
+    rows = list(range(1, 3001)) + list(range(3001, 60000, 97))
+
+    def configs(r):  # every GEMM of the step at r rows: its launch keywords (what compiles)
+        return frozenset((tuple("rows" if x == R0 else x for x in a[:3]), a[3:],
+                          repr(real(*(r if x == R0 else x for x in a[:3]), *a[3:])[1]))
+                         for a in calls)
+    first, bad = {}, []
+    for r in rows:  # ascending: a class's first member is the pre-flight's representative
+        c = lc.row_class(r, W, T, D)
+        if c not in first:
+            first[c] = (r, configs(r))
+        elif configs(r) != first[c][1]:
+            bad.append((r, first[c][0]))
+    out.append(dict(arch=arch, dtype=dname, head=[W, D, T], gemms=len(calls),
+                    classes=len(first), bad=bad[:5]))
+print(json.dumps(out))
 """
 
 
-def test_the_pre_flight_rows_launch_every_specialisation_of_every_row_count():
+def test_each_pre_flight_class_of_row_counts_launches_the_same_gemm_configurations():
     """The trainer's launch pre-flight records one step per class of row counts
-    (``representative_rows``), not per count. Every specialisation that any of these row
-    counts launches (sm_90, bf16) must be launched by a representative, or a kernel would first
-    compile mid-training unchecked. The classes must see what ``matmul._launch`` derives from
-    the grid: the small-grid tiles (528 and 2,064 rows take 64 x 64 and 128 x 128 fc1 tiles),
-    the split-K factor (272 / 400 / 1,600 rows) and the scatter GEMM's weight-gradient tiles
-    below 2,816 rows. Planted: the grid facts left out of the class -> the final layer's dW
-    at 1,040 and 1,600 rows (among others) missing."""
+    (``representative_rows``), not per count: every count of a class must give every GEMM of
+    the step the launch configuration (tiles, stages, warps, split-K) its representative
+    gives (the grid may differ: it is not compiled in), or a kernel would first compile
+    mid-training unchecked. Checked exhaustively with
+    the real ``matmul._launch`` for rows 1..3,000 and a sweep to 60,000, at five head shapes
+    and archs / dtypes (the GEMM problems recorded once, the row count substituted). Planted:
+    the grid facts left out of the class (small-grid tiles, split-K: 577 rows configured
+    unlike 513), the modulation width left out of the long-reduction test (width 256: 11,343
+    unlike 8,433) and the K-block count left out (width 512, depth 12, token 128: 144 unlike
+    128) each failed here."""
     proc = run_compiler_side(["-c", _REPS_CODE])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert got["missing"] == [], got
+    for got in json.loads(proc.stdout.strip().splitlines()[-1]):
+        assert got["gemms"] >= 30 and got["bad"] == [], got
 
 
 _MODEL_CODE = r"""
