@@ -399,10 +399,10 @@ def fused_launch_problem(device, dtype: torch.dtype, shapes: Dict) -> Optional[s
 
     ``shapes``: ``width``, ``depth``, ``token_dim`` of the head and ``rows``, the row counts a
     step may have; optionally ``images`` (the batch, default 64) and ``z``, the condition width
-    or a list of the widths a run may have (default 256). Every kernel specialisation such a step launches is compiled for this GPU
-    before training (through Triton's cache, so step 1 reuses the binaries) and its shared
-    memory compared with the device's limit: a kernel that would stop training with
-    ``OutOfResources`` is named here instead."""
+    or a list of the widths a run may have (default 256). Every kernel specialisation such a
+    step launches is compiled for this GPU before training (through Triton's cache, so step 1
+    reuses the binaries) and its shared memory compared with the device's limit: a kernel that
+    would stop training with ``OutOfResources`` is named here instead."""
     reason = fused_unavailable_reason(device)
     device = torch.device(device)
     if reason or device.type != "cuda":
