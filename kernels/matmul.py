@@ -310,16 +310,6 @@ def _launch_config(M: int, N: int, K: int, a_bytes: int = 4, b_bytes: int = 4,
                        f"({M}x{N}x{K}, operand bytes {a_bytes}/{b_bytes})")
 
 
-def _operand_bytes(op: Operand) -> int:
-    """Bytes loaded per element of the logical operand (every tensor its prologue reads)."""
-    n = op.x.element_size()
-    if op.mode in (LNMOD, MUL, NOISE):
-        n += op.aux.element_size()
-    if op.mode == LNMOD:
-        n += op.shift.element_size()
-    return n
-
-
 def _narrow(op: Operand, dot_dtype: torch.dtype) -> Operand:
     """A plain operand wider than the dot dtype (fp32 master weights, fp32 ``x_t`` or output
     gradients under autocast) is cast once before the GEMM: the values are those the kernel's
@@ -397,22 +387,20 @@ def fused_matmul(a: Operand, b: Operand, out: Optional[torch.Tensor], a_t: bool 
     if c_sum2 >= 0 > c_sum:  # the kernel stores the second copy only beside the first
         raise ValueError("fused_matmul: c_sum2 needs c_sum")
     sums = (a_sum >= 0) + 2 * (c_sum >= 0) + 4 * (c_sum2 >= 0)
-    if out is not None:
+    if out is None and bias is not None:
+        raise ValueError("fused_matmul: the SCATTER epilogue (no out) takes no bias")
+    some = out if out is not None else scatter[3]  # where the launch goes
+    grid, kw = _launch(M, N, K, amode, _operand_bytes(A, amode), ax.element_size(),
+                       amode == LNMOD and a.ln_w is not None, bmode, _operand_bytes(B, bmode),
+                       bmode == LNMOD and b.ln_w is not None, a_t, epilogue, bias is not None,
+                       sums, a_copy is not None, dot_dtype, ieee,
+                       accumulate and out is not None and out.dtype == torch.float32,
+                       shared_memory_limit(some), compute_capability(some))
+    if out is None:
+        c = ()
+    else:
         sc = out.stride()
         c = (out, sc[0], sc[1]) if bias is None else (out, sc[0], sc[1], bias)
-        grid, kw = _launch(M, N, K, amode, _tuple_bytes(A, amode), ax.element_size(),
-                           len(A) == 11, bmode, _tuple_bytes(B, bmode), len(B) == 11, a_t,
-                           epilogue, bias is not None, sums, a_copy is not None, dot_dtype,
-                           ieee, accumulate and out.dtype == torch.float32,
-                           shared_memory_limit(out), compute_capability(out))
-    else:
-        if bias is not None:
-            raise ValueError("fused_matmul: the SCATTER epilogue (no out) takes no bias")
-        c = ()
-        grid, kw = _launch(M, N, K, amode, _tuple_bytes(A, amode), ax.element_size(),
-                           len(A) == 11, bmode, _tuple_bytes(B, bmode), len(B) == 11, a_t,
-                           epilogue, False, sums, a_copy is not None, dot_dtype, ieee, False,
-                           shared_memory_limit(scatter[3]), compute_capability(scatter[3]))
     if epilogue == STORE:
         e = ()
     elif epilogue == SILU_GRAD:
@@ -440,8 +428,9 @@ def fused_matmul(a: Operand, b: Operand, out: Optional[torch.Tensor], a_t: bool 
     return out
 
 
-def _tuple_bytes(t: tuple, mode: int) -> int:
-    """:func:`_operand_bytes` of an operand tuple (x; the factor / scale; the shift)."""
+def _operand_bytes(t: tuple, mode: int) -> int:
+    """Bytes loaded per element of an operand (its tuple, :func:`operand_args`): x, and the
+    factor / scale and the shift its prologue reads."""
     if mode == PLAIN or mode == SILU:
         return t[0].element_size()
     if mode == LNMOD:
