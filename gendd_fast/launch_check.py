@@ -412,40 +412,44 @@ def fused_launch_problem(device, dtype: torch.dtype, shapes: Dict) -> Optional[s
     return launch_problem(10 * major + minor, shared_memory_limit(device), dtype, shapes, device)
 
 
-def representative_rows(rows, width: int, token_dim: int, depth: int = DEPTH):
+def step_gemm_problems(arch: int, dtype: torch.dtype, width: int = WIDTH, depth: int = DEPTH,
+                       token_dim: int = TOKEN_DIM, z: int = 256, device="cpu",
+                       limit: Optional[int] = None, images: Optional[int] = None):
+    """``(probe, problems)``: the ``matmul._launch`` arguments of every GEMM of one step,
+    recorded at ``probe`` rows, a count no other dimension of the step equals, so wherever it
+    appears in a problem it stands for the rows (:func:`row_class` substitutes others)."""
+    from .kernels import matmul
+    others = {width, token_dim, 2 * token_dim, 3 * width * depth + 2 * width, 1000, z,
+              images or 64}
+    probe = next(r for r in range(1237, 10 ** 6, 2) if r not in others and r > (images or 64))
+    calls, real = [], matmul._launch
+    matmul._launch = lambda *a: calls.append(a) or real(*a)
+    try:
+        record_step(arch, dtype, probe, width, depth, token_dim, z=z, device=device,
+                    limit=limit, images=images)
+    finally:
+        matmul._launch = real
+    return probe, calls
+
+
+def row_class(r: int, probe: int, problems) -> tuple:
+    """What a step over ``r`` rows compiles that depends on ``r``: the launch configuration
+    ``matmul._launch`` gives each GEMM problem of :func:`step_gemm_problems` with ``r`` in
+    place of the probe rows, and ``r``'s residue mod 16 (Triton specialises integers and
+    pointer offsets on divisibility by 16) and ``r == 1``. Asking ``_launch`` itself, rather
+    than restating its rules, keeps the classes exact when those rules change."""
+    from .kernels.matmul import _launch
+    return (r % 16, r == 1) + tuple(
+        repr(_launch(*(r if x == probe else x for x in a[:3]), *a[3:])[1]) for a in problems)
+
+
+def representative_rows(rows, probe: int, problems):
     """The smallest row count of each :func:`row_class`. Recording these instead of every count
     keeps the check's memory that of the smallest step of each class."""
     reps = {}
     for r in sorted({int(x) for x in rows}):
-        reps.setdefault(row_class(r, width, token_dim, depth), r)
+        reps.setdefault(row_class(r, probe, problems), r)
     return sorted(reps.values())
-
-
-def row_class(r: int, width: int, token_dim: int, depth: int = DEPTH) -> tuple:
-    """What the launch configurations of a step over ``r`` rows depend on: whether the
-    reduction over rows is long against each output dimension (weight-gradient tiles), how many
-    BLOCK_K steps a short one takes (stages, and the BLOCK_K that leaves 4), the
-    16-divisibility Triton specialises on, and what ``matmul._launch`` derives from the grid:
-    whether a GEMM over the rows fills a wave of ``WAVE_SMS`` with each tile it may take (the
-    small-grid tiles) and the split-K factor a reduction over the rows allows. Two row counts
-    of one class launch the same specialisations (a test checks this exhaustively)."""
-    from .kernels.matmul import SPLIT_MIN_K_STEPS, WAVE_SMS
-    widths = (2 * token_dim, width, 3 * width * depth + 2 * width)  # final, blocks, modulation
-    # no weight-gradient grid is smaller than its output in 128 x 128 tiles
-    split_cap = cdiv(WAVE_SMS, cdiv(token_dim, 128) * cdiv(width, 128))
-    return (tuple(r > 4 * m for m in (token_dim, 2 * token_dim, width, 2 * width, 3 * width,
-                                      widths[2]))
-            + (min(r // 32, 8), r % 16 == 0, r == 1)
-            # K blocks of a reduction over the rows: the pipeline depth (stages <= 4) and the
-            # BLOCK_K that leaves a short reduction 4 steps
-            + tuple(min(cdiv(r, bk), 6) for bk in (16, 32, 64))
-            # a GEMM over the rows takes the weight-gradient tiles when its output is small
-            # and its reduction (the modulation width, for the scatter GEMM) long
-            + tuple(r * n <= 2048 * 2048 for n in widths)
-            + tuple(4 * r < k for k in (2 * token_dim, width, widths[2]))
-            + tuple(cdiv(r, bm) * cdiv(n, bn) >= WAVE_SMS for bm in (64, 128)
-                    for bn in (16, 32, 64, 128) for n in widths)
-            + tuple(min(cdiv(r, bk) // SPLIT_MIN_K_STEPS, split_cap) for bk in (16, 32, 64)))
 
 
 def launch_problem(arch: int, limit: int, dtype: torch.dtype, shapes: Dict,
@@ -454,15 +458,17 @@ def launch_problem(arch: int, limit: int, dtype: torch.dtype, shapes: Dict,
     shared memory per block; the step is recorded with tensors on ``device`` (needs the real
     ``triton.jit``, not the interpreter)."""
     records = {}
-    reps = representative_rows(shapes["rows"], shapes["width"], shapes["token_dim"],
-                               shapes["depth"])
+    head = (shapes["width"], shapes["depth"], shapes["token_dim"])
     # the condition widths a run may have (the teacher's feature size, one per token count):
     # they shape only cond_embed's GEMMs, which do not depend on the rows, so each extra width
     # is recorded once, at the smallest row count
     zs = shapes.get("z", 256)
     zs = sorted({int(x) for x in (zs if isinstance(zs, (list, tuple)) else [zs])})
-    steps = [(r, zs[0]) for r in reps] + [(reps[0], z) for z in zs[1:]]
     try:
+        probe, problems = step_gemm_problems(arch, dtype, *head, z=zs[0], device=device,
+                                             limit=limit, images=shapes.get("images"))
+        reps = representative_rows(shapes["rows"], probe, problems)
+        steps = [(r, zs[0]) for r in reps] + [(reps[0], z) for z in zs[1:]]
         for rows, z in steps:
             for rec in record_step(arch, dtype, int(rows), shapes["width"], shapes["depth"],
                                    shapes["token_dim"], z=z, device=device, limit=limit,

@@ -247,17 +247,12 @@ _REPS_CODE = r"""
 import json, torch
 from gendd_fast import launch_check as lc
 from gendd_fast.kernels import matmul as mm
-R0 = 1237  # a row count no other dimension of these heads equals
 out = []
 for arch, dname, (W, D, T) in [(90, "bf16", (1024, 3, 64)), (80, "fp32", (1024, 3, 64)),
                                (90, "bf16", (256, 3, 64)), (86, "fp16", (384, 3, 16)),
                                (100, "bf16", (512, 12, 128))]:
-    calls, real = [], mm._launch
-    mm._launch = lambda *a: calls.append(a) or real(*a)
-    try:
-        lc.record_step(arch, lc.DTYPES[dname], R0, W, D, T)
-    finally:
-        mm._launch = real
+    R0, calls = lc.step_gemm_problems(arch, lc.DTYPES[dname], W, D, T)
+    real = mm._launch
     rows = list(range(1, 3001)) + list(range(3001, 60000, 97))
 
     def configs(r):  # every GEMM of the step at r rows: its launch keywords (what compiles)
@@ -266,7 +261,7 @@ for arch, dname, (W, D, T) in [(90, "bf16", (1024, 3, 64)), (80, "fp32", (1024, 
                          for a in calls)
     first, bad = {}, []
     for r in rows:  # ascending: a class's first member is the pre-flight's representative
-        c = lc.row_class(r, W, T, D)
+        c = lc.row_class(r, R0, calls)
         if c not in first:
             first[c] = (r, configs(r))
         elif configs(r) != first[c][1]:
@@ -280,15 +275,13 @@ print(json.dumps(out))
 def test_each_pre_flight_class_of_row_counts_launches_the_same_gemm_configurations():
     """The trainer's launch pre-flight records one step per class of row counts
     (``representative_rows``), not per count: every count of a class must give every GEMM of
-    the step the launch configuration (tiles, stages, warps, split-K) its representative
+    the step the launch configuration (tiles, stages, warps, split-K) its first member
     gives (the grid may differ: it is not compiled in), or a kernel would first compile
-    mid-training unchecked. Checked exhaustively with
-    the real ``matmul._launch`` for rows 1..3,000 and a sweep to 60,000, at five head shapes
-    and archs / dtypes (the GEMM problems recorded once, the row count substituted). Planted:
-    the grid facts left out of the class (small-grid tiles, split-K: 577 rows configured
-    unlike 513), the modulation width left out of the long-reduction test (width 256: 11,343
-    unlike 8,433) and the K-block count left out (width 512, depth 12, token 128: 144 unlike
-    128) each failed here."""
+    mid-training unchecked. Checked exhaustively for rows 1..3,000 and a sweep to 60,000, at
+    five head shapes and archs / dtypes, against the real ``matmul._launch`` with the row count
+    substituted into the recorded GEMM problems. (The classes once restated ``_launch``'s rules
+    by hand; two reviews found omissions, e.g. 577 rows configured unlike 513, which this test
+    then caught.) Planted: row_class without the configurations -> fails."""
     proc = run_compiler_side(["-c", _REPS_CODE])
     assert proc.returncode == 0, proc.stderr[-3000:]
     for got in json.loads(proc.stdout.strip().splitlines()[-1]):
@@ -318,3 +311,36 @@ def test_the_performance_model_lists_the_launches_of_the_step_in_order():
     for n, ctas in got.items():
         assert ctas is not None, n
         assert len(ctas) == 44 and min(ctas) >= 64, (n, ctas)  # 44 Triton launches
+
+
+_KEYS_CODE = r"""
+import json, torch
+from gendd_fast import launch_check as lc
+out = []
+for W, D, T in [(1024, 3, 64), (256, 3, 64)]:
+    rows = [64, 272, 400, 513, 528, 577, 1040, 1600, 2048, 2064, 2176, 2816, 2880, 4000]
+    probe, problems = lc.step_gemm_problems(90, torch.bfloat16, W, D, T)
+    reps = lc.representative_rows(rows, probe, problems)
+    def keys(rs):
+        got = {}
+        for r in rs:
+            for rec in lc.record_step(90, torch.bfloat16, r, W, D, T):
+                got.setdefault(rec.key(90), f"{r} rows: {rec.call}")
+        return got
+    every, chosen = keys(rows), keys(reps)
+    out.append(dict(head=[W, D, T], reps=reps,
+                    missing=[every[k] for k in set(every) - set(chosen)]))
+print(json.dumps(out))
+"""
+
+
+def test_the_pre_flight_rows_launch_every_specialisation_of_every_row_count():
+    """Beyond the GEMM configurations: every Triton specialisation (signature, alignment,
+    constexprs, warps, stages) that any of these row counts launches in a recorded step is
+    launched by one of the pre-flight's representatives, at two head widths. Planted: the
+    residue mod 16 left out of row_class -> the 528-row specialisations (rows divisible by 16
+    specialise M) missing."""
+    proc = run_compiler_side(["-c", _KEYS_CODE])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for got in json.loads(proc.stdout.strip().splitlines()[-1]):
+        assert got["missing"] == [], got
