@@ -238,15 +238,16 @@ def main(argv=None):
     return out
 
 
-def record_grids(rows: int, dtype: str):
-    """(kernel, CTAs, GEMM dims) of every launch of one step over ``rows`` rows as sm_90
-    runs it."""
-    import os
-    os.environ.pop("TRITON_INTERPRET", None)
+def record_grids(rows: int, dtype: str, width: int = 1024, depth: int = 3,
+                 token_dim: int = 64, z: int = 256):
+    """(kernel, CTAs, GEMM dims) of every launch of one step over ``rows`` rows as sm_90 runs
+    it, from the launch recorder of the ``gendd_fast`` on the path (needs the real Triton,
+    not ``TRITON_INTERPRET``; an older tree's records carry no dims)."""
     import torch
     from gendd_fast.launch_check import record_step
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    return [[r.kernel, r.ctas, list(r.dims)] for r in record_step(90, dt, rows)]
+    return [[r.kernel, r.ctas, list(getattr(r, "dims", ()))]
+            for r in record_step(90, dt, rows, width, depth, token_dim, z=z)]
 
 
 if __name__ == "__main__":

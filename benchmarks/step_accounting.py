@@ -253,15 +253,13 @@ def host_us(fns, clear, repeats):
 
 
 def record_grids(n, W, depth, d):
-    """(kernel, CTAs) of every launch of one step as an H100 (sm_90, bf16) would run it, from
-    the tree's own launch recorder; None where the tree has none that fits this call."""
-    import torch
+    """perf_model.record_grids (sm_90, bf16) of the tree on the path; None where that tree's
+    recorder does not take this call (an older tree: no grid-aware prediction for it)."""
+    from perf_model import record_grids as record
     try:
-        from gendd_fast import launch_check
-        recs = launch_check.record_step(90, torch.bfloat16, n, W, depth, d, z=CIFAR["z"])
-    except Exception:  # noqa: BLE001 - an older tree: no grid-aware prediction for it
+        return record(n, "bf16", W, depth, d, z=CIFAR["z"])
+    except Exception:  # noqa: BLE001
         return None
-    return [[r.kernel, r.ctas, list(getattr(r, "dims", ()))] for r in recs]
 
 
 def worker(args):
